@@ -1,0 +1,106 @@
+"""Per-request search options (composed by ttc_vllm.options.TTCOptions as field `search`).
+
+Rules that only matter to some strategies are checked only for them: beam_width must divide
+n for beam and dvts; truncation applies only to the sampling strategies (majority,
+weighted_vote, best_of_n).
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_N_ENV = "TTC_VLLM_MAX_N"
+DEFAULT_MAX_N = 64
+
+Strategy = Literal["majority", "weighted_vote", "best_of_n", "beam", "dvts", "mcts"]
+Aggregation = Literal["min", "prod", "mean", "last"]
+SAMPLING_STRATEGIES = ("majority", "weighted_vote", "best_of_n")
+BEAM_STRATEGIES = ("beam", "dvts")
+
+
+def max_n() -> int:
+    """The server's ceiling on `n` (env TTC_VLLM_MAX_N, default 64), read at validation time."""
+    raw = os.environ.get(MAX_N_ENV)
+    if raw is None or raw == "":
+        return DEFAULT_MAX_N
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{MAX_N_ENV} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{MAX_N_ENV} must be a positive integer, got {raw!r}")
+    return value
+
+
+class TruncateOptions(BaseModel):
+    """In-flight truncation (ST-BoN / DeepConf-online style): after `after_steps` steps keep
+    the best `keep_ratio` share of the unfinished traces and drop the rest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    after_steps: int = Field(2, ge=1)
+    keep_ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    # "prm": rank by aggregated PRM step scores; "confidence": by the trace's lowest step
+    # confidence (needs token logprobs from the engine, no PRM).
+    by: Literal["prm", "confidence"] = "prm"
+
+
+class MCTSOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    c_puct: float = Field(1.0, gt=0.0, le=100.0)  # UCT exploration weight
+    rollouts: int = Field(32, ge=1, le=4096)  # select-expand-backpropagate iterations
+
+
+class SearchOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Strategy
+    n: int = Field(8, ge=1)  # traces sampled (majority/vote/BoN); candidates per step (beam/dvts); finished traces sought (mcts)
+    beam_width: int = Field(4, ge=1)  # children per expanded node (beam, dvts, mcts)
+    max_steps: int = Field(32, ge=1, le=1024)
+    max_step_tokens: int = Field(256, ge=1, le=65536)
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    aggregation: Aggregation = "min"
+    step_delimiter: str | None = Field(None, min_length=1)  # None: the generator's default
+    mcts: MCTSOptions = MCTSOptions()
+    truncate: TruncateOptions | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _n_within_ceiling(cls, n: int) -> int:
+        ceiling = max_n()
+        if n > ceiling:
+            raise ValueError(f"n={n} exceeds this server's limit of {ceiling} (set by {MAX_N_ENV})")
+        return n
+
+    @model_validator(mode="after")
+    def _strategy_specific(self) -> "SearchOptions":
+        if self.strategy in BEAM_STRATEGIES:
+            if self.n % self.beam_width:
+                raise ValueError(
+                    f"beam_width ({self.beam_width}) must divide n ({self.n}) "
+                    f"for strategy {self.strategy!r}"
+                )
+        if self.truncate is not None:
+            if self.strategy not in SAMPLING_STRATEGIES:
+                raise ValueError(
+                    f"truncate applies only to strategies {', '.join(SAMPLING_STRATEGIES)}; "
+                    f"got strategy {self.strategy!r}"
+                )
+            if self.truncate.after_steps >= self.max_steps:
+                raise ValueError(
+                    f"truncate.after_steps ({self.truncate.after_steps}) must be below "
+                    f"max_steps ({self.max_steps})"
+                )
+        return self
+
+    @property
+    def needs_scorer(self) -> bool:
+        """Whether this search calls the PRM."""
+        if self.strategy == "majority":
+            return self.truncate is not None and self.truncate.by == "prm"
+        return True
