@@ -1,0 +1,251 @@
+"""Deterministic fakes of the policy and the PRM on the testbed task, for tests and docs.
+
+FakeArithmeticPolicy writes testbed traces ("\\n12+7=19<step>" ... "\\n</think>\\nAnswer: N"
++ EOS) in the testbed tokenizer's token ids, adding the terms in a seeded random order and
+making seeded "carry" mistakes (the result off by +mistake_offset). Because every mistake
+shifts the final answer by the same offset, wrong traces tend to agree: a biased policy
+where majority voting converges on a wrong answer and a PRM helps.
+
+FakeArithmeticPRM scores a step by whether the trace is still on track (every step so far is
+arithmetic on the problem's own terms and correct; the answer equals the sum), shaped like
+the Monte-Carlo rollout labels a trained PRM learns.
+
+Neither is used by product code paths.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+from collections import Counter
+from functools import lru_cache
+from typing import Sequence
+
+from ttc_vllm.search.protocols import Completion, Step, StepParams, Trace
+from ttc_vllm.testbed import task
+
+_QUESTION_RE = re.compile(r"Q: (-?\d+(?:\+-?\d+)*)=\?")
+_STEP_RE = re.compile(r"^(-?\d+)\+(-?\d+)=(-?\d+)$")
+
+
+@lru_cache(maxsize=1)
+def testbed_tokenizer():
+    from ttc_vllm.testbed.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+def prompt_ids(problem: task.Problem) -> list[int]:
+    """The token ids of the testbed prompt of a problem."""
+    return testbed_tokenizer().encode(task.prompt(problem), add_special_tokens=False)
+
+
+def _problem_and_steps(text: str) -> tuple[tuple[int, ...], list[str], bool]:
+    """(terms, step lines, answered?) of a testbed prompt + partial completion."""
+    m = _QUESTION_RE.search(text)
+    if not m:
+        raise ValueError(f"not a testbed prompt: {text[:60]!r}")
+    terms = tuple(int(t) for t in m.group(1).split("+"))
+    thinking = text[m.end():].split(task.THINK_START, 1)[-1]
+    answered = task.THINK_END in thinking
+    thinking = thinking.split(task.THINK_END, 1)[0]
+    lines = [s.strip("\n") for s in thinking.split(task.STEP_TAG)[:-1]]
+    return terms, lines, answered
+
+
+class _Walk:
+    """Replays step lines over a problem: running total, unused terms, still on track?"""
+
+    def __init__(self, terms: Sequence[int]):
+        self.remaining = Counter(terms)
+        self.acc: int | None = None
+        self.on_track = True  # every step so far used the problem's terms and added right
+
+    def _take(self, term: int) -> bool:
+        if self.remaining[term] <= 0:
+            return False
+        self.remaining[term] -= 1
+        return True
+
+    def step(self, line: str) -> None:
+        m = _STEP_RE.match(line)
+        if not m:
+            self.on_track = False
+            return
+        a, b, c = (int(g) for g in m.groups())
+        if self.acc is None:
+            ok = self._take(a) and self._take(b)
+        else:
+            ok = a == self.acc and self._take(b)
+        self.on_track = self.on_track and ok and c == a + b
+        self.acc = c
+
+    @property
+    def unused(self) -> list[int]:
+        return sorted(self.remaining.elements())
+
+
+def _seeded_rng(seed: int, prefix: Sequence[int], sample: int) -> random.Random:
+    digest = hashlib.sha1(",".join(map(str, prefix)).encode()).hexdigest()[:16]
+    return random.Random(f"{seed}:{digest}:{sample}")
+
+
+class FakeArithmeticPolicy:
+    """A StepGenerator over the testbed task. Sample j of a prefix is a pure function of
+    (seed, prefix, j), so results do not depend on call order or batching.
+
+    Engine usage is reported like vLLM would: the prompt of each (prefix, n) request on its
+    first sample; cached prompt tokens from a model of the prefix cache (the longest prefix
+    shared with any sequence generated before, minus the last token which is recomputed).
+    `calls` records (kind, prefixes, n) of every call.
+    """
+
+    def __init__(self, seed: int = 0, mistake_rate: float = 0.3, mistake_offset: int = 10,
+                 correct_confidence: float = 0.9, wrong_confidence: float = 0.4):
+        self.seed = seed
+        self.mistake_rate = mistake_rate
+        self.mistake_offset = mistake_offset
+        self.correct_confidence = correct_confidence
+        self.wrong_confidence = wrong_confidence
+        self.calls: list[tuple[str, list[tuple[int, ...]], int]] = []
+        self._cache: list[tuple[int, ...]] = []
+        tok = testbed_tokenizer()
+        self.eos_id = tok.eos_token_id
+
+    async def generate_steps(self, prefixes: Sequence[Sequence[int]], n: int,
+                             params: StepParams) -> list[list[Step]]:
+        self.calls.append(("generate_steps", [tuple(p) for p in prefixes], n))
+        out = []
+        for prefix in prefixes:
+            prefix = tuple(prefix)
+            usage = self._usage(prefix)
+            samples = []
+            for j in range(n):
+                step = self._next_step(prefix, _seeded_rng(self.seed, prefix, j), params,
+                                       params.max_tokens)
+                samples.append(_with_usage(step, *usage) if j == 0 else step)
+                self._cache.append(prefix + step.token_ids)
+            out.append(samples)
+        return out
+
+    async def complete(self, prefixes: Sequence[Sequence[int]], n: int,
+                       params: StepParams) -> list[list[Completion]]:
+        self.calls.append(("complete", [tuple(p) for p in prefixes], n))
+        out = []
+        for prefix in prefixes:
+            prefix = tuple(prefix)
+            usage = self._usage(prefix)
+            samples = []
+            for j in range(n):
+                rng = _seeded_rng(self.seed, prefix, j)
+                steps, ids, budget = [], prefix, params.max_tokens
+                while budget > 0 and not (steps and steps[-1].finished):
+                    step = self._next_step(ids, rng, params, budget)
+                    steps.append(step)
+                    ids += step.token_ids
+                    budget -= len(step.token_ids)
+                if j == 0:
+                    steps[0] = _with_usage(steps[0], *usage)
+                samples.append(tuple(steps))
+                self._cache.append(ids)
+            out.append(samples)
+        return out
+
+    def _usage(self, prefix: tuple[int, ...]) -> tuple[int, int]:
+        shared = max((_common_prefix(prefix, s) for s in self._cache), default=0)
+        return len(prefix), min(shared, len(prefix) - 1)
+
+    def _next_step(self, prefix: tuple[int, ...], rng: random.Random, params: StepParams,
+                   max_tokens: int) -> Step:
+        tok = testbed_tokenizer()
+        terms, lines, answered = _problem_and_steps(tok.decode(prefix))
+        if answered:
+            raise ValueError("prefix already holds an answer")
+        walk = _Walk(terms)
+        for line in lines:
+            walk.step(line)
+        unused = walk.unused
+        if walk.acc is None and len(unused) >= 2:
+            a = unused.pop(rng.randrange(len(unused)))
+        elif walk.acc is not None and unused:
+            a = walk.acc
+        else:  # nothing left to add: answer with the running total
+            answer = walk.acc if walk.acc is not None else sum(terms)
+            text = f"\n{task.THINK_END}\n{task.ANSWER_PREFIX}{answer}"
+            ids = tok.encode(text, add_special_tokens=False) + [self.eos_id]
+            return self._step(ids, text, walk.on_track, params, max_tokens, finished=True)
+        b = unused[rng.randrange(len(unused))]
+        mistake = rng.random() < self.mistake_rate
+        text = f"\n{a}+{b}={a + b + (self.mistake_offset if mistake else 0)}{task.STEP_TAG}"
+        ids = tok.encode(text, add_special_tokens=False)
+        return self._step(ids, text, walk.on_track and not mistake, params, max_tokens,
+                          finished=False)
+
+    def _step(self, ids: list[int], text: str, correct: bool, params: StepParams,
+              max_tokens: int, finished: bool) -> Step:
+        if len(ids) > max_tokens:  # cut at the token limit, like an engine's length stop
+            ids = ids[:max_tokens]
+            text = testbed_tokenizer().decode(ids, skip_special_tokens=True)
+            finished = False
+        confidence = None
+        if params.confidence:
+            confidence = self.correct_confidence if correct else self.wrong_confidence
+        return Step(tuple(ids), text, finished, mean_confidence=confidence)
+
+
+def _with_usage(step: Step, prompt_tokens: int, cached: int) -> Step:
+    return Step(step.token_ids, step.text, step.finished, prompt_tokens=prompt_tokens,
+                cached_prompt_tokens=cached, mean_confidence=step.mean_confidence)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class FakeArithmeticPRM:
+    """A StepScorer over the testbed task that scores like a PRM trained on Monte-Carlo
+    rollout labels of FakeArithmeticPolicy: a step that keeps the trace on track (every
+    step so far added the problem's own terms correctly) scores the chance that the policy
+    finishes without a mistake from there, (1 - step_error) ** additions_left; the right
+    answer scores 1; any step after the trace went off track, or a wrong answer, scores
+    `bad`. It is a perfect judge of correctness: on-track steps always outscore `bad`.
+
+    `delay_s` makes each call sleep (to exercise batching and failures in the PRM pool);
+    `calls` records the number of traces of every call.
+    """
+
+    def __init__(self, step_error: float = 0.3, bad: float = 0.0, delay_s: float = 0.0):
+        self.step_error = step_error
+        self.bad = bad
+        self.delay_s = delay_s
+        self.calls: list[int] = []
+
+    async def score(self, traces: Sequence[Trace]) -> list[list[float]]:
+        self.calls.append(len(traces))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return [self.score_trace(t) for t in traces]
+
+    def score_trace(self, trace: Trace) -> list[float]:
+        tok = testbed_tokenizer()
+        terms, _, _ = _problem_and_steps(tok.decode(trace.prompt_ids))
+        walk = _Walk(terms)
+        scores = []
+        for step in trace.steps:
+            line = step.text.strip("\n")
+            if step.finished or task.THINK_END in line:
+                right = walk.on_track and task.extract_answer(step.text) == sum(terms)
+                scores.append(1.0 if right else self.bad)
+                continue
+            walk.step(line.removesuffix(task.STEP_TAG))
+            if walk.on_track:
+                scores.append((1.0 - self.step_error) ** max(len(walk.unused), 0))
+            else:
+                scores.append(self.bad)
+        return scores

@@ -1,0 +1,19 @@
+"""Self-consistency: sample n full traces, answer with the most frequent answer.
+
+Needs no PRM (unless truncation ranks by PRM). Ties go to the answer sampled first.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ttc_vllm.search.context import SearchContext
+from ttc_vllm.search.options import SearchOptions
+from ttc_vllm.search.protocols import ExtractAnswer, SearchResult, StepGenerator, StepScorer
+from ttc_vllm.search.truncation import sample_traces
+
+
+async def run(problem_prompt_ids: Sequence[int], generator: StepGenerator,
+              scorer: StepScorer | None, options: SearchOptions,
+              extract_answer: ExtractAnswer) -> SearchResult:
+    ctx = SearchContext(problem_prompt_ids, generator, scorer, options, extract_answer)
+    return ctx.result(await sample_traces(ctx), "majority")
