@@ -30,7 +30,7 @@ _STEP_RE = re.compile(r"^(-?\d+)\+(-?\d+)=(-?\d+)$")
 
 
 @lru_cache(maxsize=1)
-def testbed_tokenizer():
+def load_testbed_tokenizer():
     from ttc_vllm.testbed.tokenizer import build_tokenizer
 
     return build_tokenizer()
@@ -38,7 +38,7 @@ def testbed_tokenizer():
 
 def prompt_ids(problem: task.Problem) -> list[int]:
     """The token ids of the testbed prompt of a problem."""
-    return testbed_tokenizer().encode(task.prompt(problem), add_special_tokens=False)
+    return load_testbed_tokenizer().encode(task.prompt(problem), add_special_tokens=False)
 
 
 def _problem_and_steps(text: str) -> tuple[tuple[int, ...], list[str], bool]:
@@ -110,7 +110,7 @@ class FakeArithmeticPolicy:
         self.wrong_confidence = wrong_confidence
         self.calls: list[tuple[str, list[tuple[int, ...]], int]] = []
         self._cache: list[tuple[int, ...]] = []
-        tok = testbed_tokenizer()
+        tok = load_testbed_tokenizer()
         self.eos_id = tok.eos_token_id
 
     async def generate_steps(self, prefixes: Sequence[Sequence[int]], n: int,
@@ -158,7 +158,7 @@ class FakeArithmeticPolicy:
 
     def _next_step(self, prefix: tuple[int, ...], rng: random.Random, params: StepParams,
                    max_tokens: int) -> Step:
-        tok = testbed_tokenizer()
+        tok = load_testbed_tokenizer()
         terms, lines, answered = _problem_and_steps(tok.decode(prefix))
         if answered:
             raise ValueError("prefix already holds an answer")
@@ -186,7 +186,7 @@ class FakeArithmeticPolicy:
               max_tokens: int, finished: bool) -> Step:
         if len(ids) > max_tokens:  # cut at the token limit, like an engine's length stop
             ids = ids[:max_tokens]
-            text = testbed_tokenizer().decode(ids, skip_special_tokens=True)
+            text = load_testbed_tokenizer().decode(ids, skip_special_tokens=True)
             finished = False
         confidence = None
         if params.confidence:
@@ -233,7 +233,7 @@ class FakeArithmeticPRM:
         return [self.score_trace(t) for t in traces]
 
     def score_trace(self, trace: Trace) -> list[float]:
-        tok = testbed_tokenizer()
+        tok = load_testbed_tokenizer()
         terms, _, _ = _problem_and_steps(tok.decode(trace.prompt_ids))
         walk = _Walk(terms)
         scores = []
@@ -249,3 +249,52 @@ class FakeArithmeticPRM:
             else:
                 scores.append(self.bad)
         return scores
+
+
+class RecordingGenerator:
+    """Wraps a StepGenerator and records every call with its outputs:
+    `calls` holds (kind, prefixes, n, outputs)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: list[tuple[str, list[tuple[int, ...]], int, list]] = []
+
+    async def generate_steps(self, prefixes, n, params):
+        out = await self.inner.generate_steps(prefixes, n, params)
+        self.calls.append(("generate_steps", [tuple(p) for p in prefixes], n, out))
+        return out
+
+    async def complete(self, prefixes, n, params):
+        out = await self.inner.complete(prefixes, n, params)
+        self.calls.append(("complete", [tuple(p) for p in prefixes], n, out))
+        return out
+
+
+class ScriptedGenerator:
+    """`complete` returns the given completions (lists of step texts, in testbed token ids;
+    the last step of each is finished) for every prefix; n must not exceed their number."""
+
+    def __init__(self, completions: Sequence[Sequence[str]]):
+        self.completions = completions
+
+    async def complete(self, prefixes, n, params):
+        if n > len(self.completions):
+            raise ValueError(f"only {len(self.completions)} scripted completions, n={n}")
+        tok = load_testbed_tokenizer()
+        traces = [tuple(Step(tok.encode(text, add_special_tokens=False), text,
+                             finished=k == len(steps) - 1) for k, text in enumerate(steps))
+                  for steps in self.completions[:n]]
+        return [list(traces) for _ in prefixes]
+
+    async def generate_steps(self, prefixes, n, params):
+        raise NotImplementedError("ScriptedGenerator only completes")
+
+
+class ScriptedScorer:
+    """Scores a trace by looking its completion text up in a table of step-score lists."""
+
+    def __init__(self, table: dict[str, Sequence[float]]):
+        self.table = table
+
+    async def score(self, traces: Sequence[Trace]) -> list[list[float]]:
+        return [list(self.table[t.text]) for t in traces]
