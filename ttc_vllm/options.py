@@ -1,0 +1,208 @@
+"""Per-request test-time-compute options: the single source of validation.
+
+HTTP, jobs, the CLI and the logits processors all parse `TTCOptions`; nothing else
+re-validates. Requests carry them in `SamplingParams.extra_args["ttc"]`, as a dict
+(offline) or a JSON string: over HTTP vLLM's `vllm_xargs` accepts only flat str/int/float
+values, so clients send `vllm_xargs={"ttc": json.dumps({...})}` (see `to_extra_args`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
+
+from ttc_vllm import budget
+
+EXTRA_ARGS_KEY = "ttc"
+DEFAULT_CONCLUSION = "\nTime is up, concluding."
+DEFAULT_CONTINUATION = "\nWait,"
+MAX_FORCED_TEXT_CHARS = 256
+
+Signal = Literal["token_confidence", "group_confidence", "entropy"]
+Aggregate = Literal["mean", "min", "tail"]
+# Signals whose per-token value is a confidence (>= 0): -mean of top-k log-probs.
+CONFIDENCE_SIGNALS = ("token_confidence", "group_confidence")
+
+
+class HaltingOptions(BaseModel):
+    """Log-prob halting: stop thinking when an aggregate of a per-token confidence signal
+    crosses a threshold (TS-DTP rule: halt iff f(v_t) > tau; `direction="below"` gives the
+    DeepConf online rule, halt iff f(v_t) < tau). See ttc_vllm/halting.py for the maths."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    signal: Signal = "token_confidence"
+    top_k: int = Field(20, ge=1, le=20, description="top-k log-probs in token confidence")
+    window: int = Field(64, ge=1, le=8192, description="tokens per group / tail window")
+    aggregate: Aggregate = "tail"
+    # A real number, or the name of an entry of the calibration file (ttc_vllm/calibrate.py).
+    threshold: float | str
+    direction: Literal["above", "below"] = "above"
+    action: Literal["conclude", "stop"] = "conclude"
+    min_tokens: int = Field(0, ge=0, description="thinking tokens before halting may trigger")
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold_kind(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be a number or a calibration entry name, not a boolean")
+        if isinstance(v, str):
+            name = v.strip()
+            if not name:
+                raise ValueError("calibration entry name must not be empty")
+            try:
+                v = float(name)  # a number sent as a string is still a number
+            except ValueError:
+                if len(name) > 128:
+                    raise ValueError("calibration entry name is longer than 128 characters") from None
+                return name
+        if isinstance(v, (int, float)):
+            if not math.isfinite(float(v)):
+                raise ValueError(f"must be a finite number, got {v!r}")
+            return float(v)
+        raise ValueError(f"must be a number or a calibration entry name, got {type(v).__name__}")
+
+    @model_validator(mode="after")
+    def _threshold_range(self) -> HaltingOptions:
+        check_threshold_range(self.signal, self.threshold)
+        return self
+
+    @property
+    def is_calibrated(self) -> bool:
+        """True when the threshold names a calibration entry still to be looked up."""
+        return isinstance(self.threshold, str)
+
+
+def check_threshold_range(signal: str, threshold: float | str) -> None:
+    """A threshold outside the signal's range could never (or would always) fire."""
+    if isinstance(threshold, str):
+        return
+    if signal in CONFIDENCE_SIGNALS and threshold < 0:
+        raise ValueError(
+            f"threshold: {signal} is >= 0 (minus the mean of top-k log-probs); "
+            f"a negative threshold {threshold} makes no sense")
+    if signal == "entropy" and threshold > 0:
+        raise ValueError(
+            f"threshold: the entropy signal is minus the entropy (<= 0, larger = more "
+            f"confident); a positive threshold {threshold} makes no sense")
+
+
+class TTCOptions(BaseModel):
+    """Everything a request may ask of the in-engine test-time-compute controls."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    max_think: int | None = Field(None, ge=0, description="hard cap on thinking tokens")
+    # Anthropic `budget_tokens` / Gemini `thinking_budget`: another name for max_think.
+    budget_tokens: int | None = Field(
+        None, ge=0, validation_alias=AliasChoices("budget_tokens", "thinking_budget"))
+    min_think: int | None = Field(None, ge=0, description="s1-style minimum thinking tokens")
+    reasoning_effort: Literal["none", "low", "medium", "high"] | None = None
+    answer_reserve: int = Field(16, ge=0, description="tokens kept for the answer within max_tokens")
+    conclusion: str | None = Field(DEFAULT_CONCLUSION, max_length=MAX_FORCED_TEXT_CHARS)
+    continuation: str = Field(DEFAULT_CONTINUATION, max_length=MAX_FORCED_TEXT_CHARS)
+    max_extensions: int = Field(8, ge=0, description="continuations injected at most")
+    halting: HaltingOptions | None = None
+    # Placeholder: ttc_vllm/search/ owns the search options model and will type this field.
+    search: Any = None
+
+    @model_validator(mode="after")
+    def _consistent_budgets(self) -> TTCOptions:
+        if self.budget_tokens is not None:
+            if self.max_think is not None and self.max_think != self.budget_tokens:
+                raise ValueError(
+                    f"max_think ({self.max_think}) and budget_tokens ({self.budget_tokens}) "
+                    "both set and differ; send one")
+            self.max_think = self.budget_tokens
+        if (self.min_think is not None and self.max_think is not None
+                and self.min_think > self.max_think):
+            raise ValueError(
+                f"min_think ({self.min_think}) must not exceed max_think ({self.max_think})")
+        return self
+
+    # ---- extra_args encoding -------------------------------------------------------------
+
+    @classmethod
+    def from_extra_args(cls, extra_args: dict[str, Any] | None) -> TTCOptions | None:
+        """The options in `extra_args["ttc"]` (dict or JSON string), None if absent.
+
+        Raises ValueError naming the offending field as `ttc.<field>`."""
+        if not extra_args or EXTRA_ARGS_KEY not in extra_args:
+            return None
+        raw = extra_args[EXTRA_ARGS_KEY]
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{EXTRA_ARGS_KEY}: not valid JSON ({e.msg} at {e.pos})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f"{EXTRA_ARGS_KEY}: expected an object (or its JSON string), got {type(raw).__name__}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ValueError(_describe(e)) from None
+
+    def to_extra_args(self) -> dict[str, str]:
+        """`{"ttc": "<json>"}`: valid both as `SamplingParams.extra_args` and as HTTP
+        `vllm_xargs` (flat string values only)."""
+        payload = self.model_dump(mode="json", exclude_defaults=True)
+        if payload.get("budget_tokens") is not None:  # normalised into max_think
+            payload.pop("budget_tokens")
+        return {EXTRA_ARGS_KEY: json.dumps(payload, separators=(",", ":"))}
+
+    # ---- resolution ----------------------------------------------------------------------
+
+    def resolve_budget(self, max_tokens: int | None, model: str | None = None,
+                       tables: dict[str, dict[str, int]] | None = None) -> budget.ResolvedBudget:
+        return budget.resolve_budget(
+            max_think=self.max_think, min_think=self.min_think, effort=self.reasoning_effort,
+            max_tokens=max_tokens, answer_reserve=self.answer_reserve, model=model, tables=tables)
+
+    def resolved_think(self, max_tokens: int | None, model: str | None = None,
+                       tables: dict[str, dict[str, int]] | None = None) -> tuple[int | None, int]:
+        """(max thinking tokens, min thinking tokens) for a request with `max_tokens`:
+        effort mapped through the model's table, the answer reserve taken off, the
+        minimum clipped to the cap. None = uncapped."""
+        rb = self.resolve_budget(max_tokens, model, tables)
+        return rb.effective_cap, rb.min_think
+
+    def resolved_halting(self, calibration: dict[str, dict[str, Any]] | None = None) -> HaltingOptions | None:
+        """Halting options with a numeric threshold (a named threshold is looked up in the
+        calibration file; the entry's signal settings apply, conflicting explicit ones fail)."""
+        h = self.halting
+        if h is None or not h.is_calibrated:
+            return h
+        from ttc_vllm.calibrate import load_calibration
+
+        table = calibration if calibration is not None else load_calibration()
+        name = str(h.threshold)
+        if name not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise ValueError(f"halting.threshold: no calibration entry {name!r} (known: {known})")
+        entry = dict(table[name])
+        merged = h.model_dump()
+        for key, value in entry.items():
+            if key not in HaltingOptions.model_fields:
+                continue  # provenance fields (percentile, traces, ...) are not options
+            if key in h.model_fields_set and key != "threshold" and merged[key] != value:
+                raise ValueError(
+                    f"halting.{key}: {merged[key]!r} conflicts with calibration entry "
+                    f"{name!r} ({key}={value!r})")
+            merged[key] = value
+        try:
+            return HaltingOptions.model_validate(merged)
+        except ValidationError as e:
+            raise ValueError(f"calibration entry {name!r}: " + _describe(e, prefix="halting")) from None
+
+
+def _describe(err: ValidationError, prefix: str = EXTRA_ARGS_KEY) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "invalid test-time-compute options: " + "; ".join(parts)
