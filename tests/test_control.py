@@ -1,0 +1,329 @@
+"""The batched controller driven directly with hand-made logits (no engine)."""
+import math
+import random
+
+import pytest
+import torch
+
+from ttc_vllm import control as C
+from ttc_vllm import halting as H
+
+V = 40
+START, END, EOS = 1, 2, 3
+CONC = (20, 21, 22)
+CONT = (30, 31)
+WORD = 7
+MARKERS = C.Markers(START, END)
+
+
+def ctrl(slots=4, **kw):
+    return C.ThinkingController(slots, MARKERS, **kw)
+
+
+def params(**kw):
+    base = dict(conclusion_ids=CONC, continuation_ids=CONT, suppress_ids=(EOS,), eos_id=EOS,
+                phase=C.PHASE_THINKING)
+    base.update(kw)
+    return C.SlotParams(**base)
+
+
+def prefer(token, rows=1):
+    """Logits whose argmax is `token` (everything else lower)."""
+    lg = torch.zeros(rows, V)
+    lg[:, token] = 5.0
+    return lg
+
+
+def greedy_run(c, slot_list, steps, want, outs=None, rows=None, placeholder=lambda t, r: False):
+    """Drive `steps` steps; want(t, row, out) -> preferred token of the fake model."""
+    outs = outs if outs is not None else [[] for _ in slot_list]
+    for t in range(steps):
+        lg = torch.stack([prefer(want(t, i, outs[i]))[0] for i in range(len(slot_list))])
+        last = [(-1 if placeholder(t, i) else o[-1]) if o else -1 for i, o in enumerate(outs)]
+        c.step(lg, torch.tensor(slot_list), torch.tensor(last), torch.tensor([len(o) for o in outs]), rows)
+        for i in range(len(slot_list)):
+            outs[i].append(int(lg[i].argmax()))
+    return outs
+
+
+def thinking_len(out):
+    return out.index(END) if END in out else len(out)
+
+
+def test_budget_forces_conclusion_then_end_within_cap():
+    c = ctrl()
+    c.add(0, params(think_cap=7))
+    out = greedy_run(c, [0], 12, lambda t, i, o: WORD)[0]
+    # 4 free tokens + 3 conclusion tokens = 7 thinking tokens, then </think>, then free again
+    assert out[:9] == [WORD] * 4 + list(CONC) + [END] + [WORD]
+    rec = c.remove(0)
+    assert (rec.reason, rec.thinking_tokens, rec.stop_step, rec.phase) == ("budget", 7, 4, "answering")
+
+
+def test_cap_smaller_than_conclusion_forces_end_only():
+    c = ctrl()
+    c.add(0, params(think_cap=2))
+    assert greedy_run(c, [0], 3, lambda t, i, o: WORD)[0] == [END, WORD, WORD]
+    c.add(1, params(think_cap=0, conclusion_ids=()))      # effort "none"
+    assert greedy_run(c, [1], 2, lambda t, i, o: WORD)[0] == [END, WORD]
+
+
+def test_output_limit_reserves_the_answer():
+    # Prompt did not open thinking: the model writes <think> itself (an output token too).
+    c = ctrl()
+    c.add(0, params(phase=C.PHASE_BEFORE, out_limit=6))
+    out = greedy_run(c, [0], 10, lambda t, i, o: START if t == 0 else WORD)[0]
+    assert out[:8] == [START, WORD, WORD] + list(CONC) + [END, WORD]
+    assert out.index(END) == 6            # </think> at output position out_limit
+
+
+def test_min_think_suppresses_end_and_injects_continuation():
+    c = ctrl()
+    c.add(0, params(min_think=8, max_extensions=5))
+    # The model wants to end thinking from its 2nd token on.
+    out = greedy_run(c, [0], 14, lambda t, i, o: WORD if t == 0 else END)[0]
+    # count: WORD(1) + Wait(2) -> 3; + Wait(2) -> 5; + Wait(2) -> 7; + Wait -> 9 >= 8; then END
+    assert out[:10] == [WORD, *CONT, *CONT, *CONT, *CONT, END]
+    assert thinking_len(out) == 9 >= 8
+    rec = c.remove(0)
+    assert (rec.extensions, rec.reason, rec.stop_step) == (4, "natural", 9)
+
+
+def test_min_think_after_max_extensions_still_blocks_end():
+    c = ctrl()
+    c.add(0, params(min_think=5, max_extensions=1))
+    want = lambda t, i, o: END                            # noqa: E731
+    # Next best token after END is 0 (all others tie at 0; argmax picks the first).
+    out = greedy_run(c, [0], 8, want)[0]
+    assert out[:2] == list(CONT)
+    assert END not in out[:5] and out[5] == END
+    assert c.record(0).extensions == 1
+
+
+def test_min_think_blocks_eos_too_and_sampled_mass():
+    c = ctrl()
+    c.add(0, params(min_think=3, max_extensions=0))
+    lg = torch.zeros(1, V)
+    c.step(lg, torch.tensor([0]), torch.tensor([-1]), torch.tensor([0]))
+    assert lg[0, END] == -math.inf and lg[0, EOS] == -math.inf and lg[0, WORD] == 0
+
+
+def confidence_logits(target):
+    """Logits over two tokens (rest -inf) whose top-2 token confidence is `target`."""
+    # C = -(ln p + ln(1-p))/2  ->  solve for p >= .5 by bisection
+    lo, hi = 0.5, 1 - 1e-9
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if -(math.log(mid) + math.log(1 - mid)) / 2 < target:
+            lo = mid
+        else:
+            hi = mid
+    lg = torch.full((1, V), -math.inf)
+    lg[0, WORD] = math.log(lo)
+    lg[0, WORD + 1] = math.log(1 - lo)
+    return lg
+
+
+def halting_params(tau, above=True, stop=False, min_tokens=0, window=1, aggregate=H.AGG_TAIL):
+    return C.HaltingParams(H.SIGNAL_TOKEN, aggregate, 20, window, tau, above, stop, min_tokens)
+
+
+def drive_confidences(c, slot, confs):
+    out = []
+    for conf in confs:
+        lg = confidence_logits(conf)
+        c.step(lg, torch.tensor([slot]), torch.tensor([out[-1] if out else -1]), torch.tensor([len(out)]))
+        out.append(int(lg.argmax()))
+    return out
+
+
+def test_halting_concludes_when_confidence_exceeds_tau():
+    c = ctrl()
+    c.add(0, params(halting=halting_params(tau=2.0, min_tokens=3)))
+    # C = 1.0 at token 0, 2.5 at token 1 (decided after 2 < min_tokens tokens), 1.5, 3.0.
+    out = drive_confidences(c, 0, [1.0, 2.5, 1.5, 3.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    # Token 3's confidence is known once token 3 is sampled: forcing starts at token 4.
+    assert out[:4] == [WORD] * 4 and out[4:8] == [*CONC, END]
+    rec = c.record(0)
+    assert (rec.reason, rec.stop_step) == ("halt", 4)
+
+
+def test_halting_min_tokens_blocks_early_trigger():
+    c = ctrl()
+    c.add(0, params(halting=halting_params(tau=2.0, min_tokens=3)))
+    out = drive_confidences(c, 0, [3.0, 3.0, 0.1, 0.1, 0.1])
+    # f after 2 tokens = 3.0 but only 2 < 3 thinking tokens; after 3 tokens f = 0.1
+    assert CONC[0] not in out
+
+
+def test_halting_stop_forces_eos_and_direction_below():
+    c = ctrl()
+    c.add(0, params(halting=halting_params(tau=1.0, above=False, stop=True)))
+    out = drive_confidences(c, 0, [2.0, 2.0, 0.5, 2.0])
+    assert out == [WORD, WORD, WORD, EOS]
+    rec = c.record(0)
+    assert (rec.reason, rec.phase, rec.stop_step) == ("stop", "forcing", 3)
+    c.step(torch.zeros(1, V), torch.tensor([0]), torch.tensor([EOS]), torch.tensor([4]))
+    assert c.record(0).phase == "done" and c.record(0).thinking_tokens == 3
+
+
+def test_halting_waits_for_min_think():
+    c = ctrl()
+    c.add(0, params(min_think=3, halting=halting_params(tau=0.5)))
+    out = drive_confidences(c, 0, [3.0, 3.0, 3.0, 3.0, 3.0])
+    assert out.index(CONC[0]) == 3
+
+
+def test_placeholder_tokens_are_not_counted_but_forcing_advances():
+    c = ctrl()
+    c.add(0, params(think_cap=6))
+    # Steps 1 and 2 see a -1 placeholder for the free tokens: not counted, so thinking runs
+    # two tokens longer than the cap would otherwise allow.
+    out = greedy_run(c, [0], 10, lambda t, i, o: WORD, placeholder=lambda t, r: t in (1, 2))[0]
+    assert out[:9] == [WORD] * 5 + list(CONC) + [END]
+    c2 = ctrl()
+    c2.add(0, params(think_cap=4))
+    # Placeholders during forcing: the forced token is certain, so the sequence advances.
+    out = greedy_run(c2, [0], 7, lambda t, i, o: WORD, placeholder=lambda t, r: t >= 2)[0]
+    assert out[:5] == [WORD, *CONC, END]
+
+
+def test_no_new_token_keeps_state_idempotent():
+    """A row without a new sampled token (chunked prefill) sees the same decision again."""
+    c = ctrl()
+    c.add(0, params(think_cap=3))
+    for _ in range(3):
+        lg = prefer(WORD)
+        c.step(lg, torch.tensor([0]), torch.tensor([-1]), torch.tensor([0]))
+        assert int(lg.argmax()) == CONC[0]
+    assert c.record(0).thinking_tokens == 0
+
+
+def test_slot_reuse_starts_fresh():
+    c = ctrl()
+    c.add(0, params(think_cap=4, min_think=2, max_extensions=3,
+                    halting=halting_params(tau=0.1, aggregate=H.AGG_MIN, window=3)))
+    greedy_run(c, [0], 6, lambda t, i, o: END if t == 0 else WORD)
+    first = c.remove(0)
+    assert first.extensions == 1 and first.reason in ("budget", "halt")
+    c.add(0, params())
+    rec = c.record(0)
+    assert (rec.reason, rec.thinking_tokens, rec.extensions, rec.stop_step) == ("none", 0, 0, None)
+    out = greedy_run(c, [0], 5, lambda t, i, o: WORD)[0]
+    assert out == [WORD] * 5 and c.record(0).thinking_tokens == 4
+
+
+def test_rows_subset_and_uncontrolled_rows_untouched():
+    c = ctrl()
+    c.add(2, params(think_cap=0, conclusion_ids=()))
+    lg = torch.randn(3, V)
+    before = lg.clone()
+    c.step(lg, torch.tensor([2]), torch.tensor([-1]), torch.tensor([0]), rows=torch.tensor([1]))
+    assert torch.equal(lg[0], before[0]) and torch.equal(lg[2], before[2])
+    assert int(lg[1].argmax()) == END and torch.isinf(lg[1]).sum() == V - 1
+    # V2 style: all rows, -1 for rows without a slot
+    lg = torch.randn(3, V)
+    before = lg.clone()
+    c.step(lg, torch.tensor([-1, 2, -1]), torch.tensor([5, -1, 5]), torch.tensor([9, 0, 9]))
+    assert torch.equal(lg[0], before[0]) and torch.equal(lg[2], before[2])
+    assert int(lg[1].argmax()) == END
+
+
+def test_inactive_controller_returns_logits_unchanged():
+    c = ctrl()
+    lg = torch.randn(2, V)
+    before = lg.clone()
+    assert c.step(lg, torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([1, 1])) is lg
+    assert torch.equal(lg, before)
+
+
+def test_scan_think_state_from_prompts():
+    hist = torch.tensor([
+        [9, 9, START, 0, 0, 0],          # prompt ends with <think>
+        [9, START, 5, 6, 0, 0],          # two thinking tokens already
+        [START, 5, END, 6, 0, 0],        # closed
+        [9, 9, 9, 9, 9, 9],              # no markers
+        [START, END, 5, START, 5, 5],    # reopened, 2 tokens
+    ])
+    lengths = torch.tensor([3, 4, 4, 6, 6])
+    phase, count = C.scan_think_state(hist, lengths, MARKERS)
+    T, B = C.PHASE_THINKING, C.PHASE_BEFORE
+    assert phase.tolist() == [T, T, B, B, T] and count.tolist() == [0, 2, 0, 0, 2]
+
+
+def test_init_from_history_then_reopen_counts():
+    c = ctrl()
+    c.add(1, params(phase=C.PHASE_BEFORE, think_cap=10))
+    c.init_from_history(torch.tensor([1]), torch.tensor([[9, START, 5, 5, 5]]), torch.tensor([5]),
+                        torch.tensor([0]))
+    assert c.record(1).phase == "thinking" and c.record(1).thinking_tokens == 3
+    out = greedy_run(c, [1], 9, lambda t, i, o: WORD)[0]
+    assert thinking_len(out) == 10 - 3 and out[4:7] == list(CONC)
+
+
+def test_continuation_interrupted_by_budget():
+    c = ctrl()
+    long_cont = tuple(range(30, 36))
+    c.add(0, params(think_cap=8, min_think=8, max_extensions=2, continuation_ids=long_cont))
+    out = greedy_run(c, [0], 12, lambda t, i, o: END)[0]
+    # count 0: attempt -> 6-token continuation; after 5 of them left = 3 = len(conclusion)
+    assert out[:9] == [30, 31, 32, 33, 34, *CONC, END]
+    assert thinking_len(out) == 8
+    assert c.record(0).reason == "budget"
+
+
+def test_step_has_no_host_sync(monkeypatch):
+    c = ctrl()
+    c.add(0, params(think_cap=50, min_think=3, halting=halting_params(tau=1.0, window=4)))
+    c.add(1, params(think_cap=2))
+
+    def boom(*a, **k):
+        raise AssertionError("host sync in step")
+
+    logits = torch.randn(2, V)
+    args = (torch.tensor([0, 1]), torch.tensor([WORD, WORD]), torch.tensor([1, 1]))
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    c.step(logits, *args)
+    c.step(logits, *args, rows=torch.tensor([1, 0]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_batches_never_exceed_caps(seed):
+    """Random caps, floors, output limits and sampled junk: invariants hold for every row."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n = 6
+    c = ctrl(slots=8)
+    slots = rng.sample(range(8), n)
+    spec = []
+    for s in slots:
+        cap = rng.choice([None, rng.randint(0, 30)])
+        out_limit = rng.choice([None, rng.randint(0, 40)])
+        eff = min(x for x in (cap, out_limit, 10 ** 9) if x is not None)
+        floor = min(rng.randint(0, 20), eff)
+        conc = tuple(rng.choice(range(20, 26)) for _ in range(rng.randint(0, 4)))
+        c.add(s, params(think_cap=cap, out_limit=out_limit, min_think=floor, conclusion_ids=conc,
+                        max_extensions=rng.randint(0, 3)))
+        spec.append((cap, out_limit, floor, len(conc)))
+    outs = [[] for _ in slots]
+    for _ in range(60):
+        lg = torch.randn(n, V, generator=gen) * 2
+        lg[:, END] += 1.5                      # the model likes to stop thinking
+        lg[:, START] = -math.inf
+        last = [o[-1] if o else -1 for o in outs]
+        c.step(lg, torch.tensor(slots), torch.tensor(last), torch.tensor([len(o) for o in outs]))
+        tok = torch.multinomial(lg.softmax(-1), 1, generator=gen).squeeze(1).tolist()
+        for o, t in zip(outs, tok):
+            if not (o and o[-1] == EOS):
+                o.append(t)
+    for (cap, out_limit, floor, conc_len), out in zip(spec, outs):
+        think = thinking_len(out)
+        if cap is not None:
+            assert think <= cap
+        ended_early = EOS in out[:think]        # the model may still stop the whole request
+        if out_limit is not None and not ended_early:
+            assert END in out and out.index(END) <= out_limit
+        if END in out and not ended_early:
+            assert think >= floor or (cap is not None and cap - conc_len < floor) or (
+                out_limit is not None and out_limit - conc_len < floor)

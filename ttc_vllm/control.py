@@ -1,0 +1,357 @@
+"""The batched in-engine controller shared by both vLLM logits-processor interfaces.
+
+Torch only (no vLLM import). Requests live in *slots*; the plugins map their batch rows
+to slots (V1: own row->slot table; V2: the runner's persistent request index). All
+per-slot state sits on the logits' device; `step` advances it by the token each row
+sampled last and edits the logits in place with tensor ops only (no host sync).
+
+Phases of a slot:
+  BEFORE     waiting for `<think>` (also after `</think>`, as ANSWERING: a new `<think>`
+             reopens thinking)
+  THINKING   free thinking: counted, watched by budget / halting / min-think rules
+  FORCING    emitting a forced token sequence one token per step:
+             CONCLUSION = conclusion ids + `</think>` (budget hit, or halting "conclude"),
+             CONTINUATION = e.g. "\\nWait," (model tried to end before min_think),
+             EOS = [eos] (halting "stop")
+  ANSWERING  after `</think>`
+  DONE       EOS forced
+
+Accounting (see ttc_vllm/budget.py): thinking tokens = tokens after `<think>` before
+`</think>`, forced ones included. Budget forcing starts when the room left
+`min(cap - thinking, out_limit - output)` fits only the conclusion, so no request exceeds
+its cap. A last token of -1 (async-scheduling placeholder) advances a forced sequence
+(the forced token is certain: every other logit is -inf) but is otherwise not counted.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ttc_vllm import halting as H
+
+PHASE_INACTIVE, PHASE_BEFORE, PHASE_THINKING, PHASE_FORCING, PHASE_ANSWERING, PHASE_DONE = range(6)
+PHASE_NAMES = ("inactive", "before", "thinking", "forcing", "answering", "done")
+SEQ_CONCLUSION, SEQ_CONTINUATION, SEQ_EOS = range(3)
+REASON_NONE, REASON_NATURAL, REASON_BUDGET, REASON_HALT, REASON_STOP = range(5)
+REASON_NAMES = ("none", "natural", "budget", "halt", "stop")
+UNLIMITED = 1 << 60
+
+# Columns of the int64 per-slot state matrix (one gather / one scatter per step).
+(C_PHASE, C_COUNT, C_SEEN, C_CAP, C_OUTLIM, C_MIN, C_EXT, C_MAXEXT, C_KIND, C_FPOS, C_REASON,
+ C_HSTEP, C_LEN_CONC, C_LEN_CONT, C_LEN_EOS, C_HON, C_HTOPK, C_HABOVE, C_HSTOP, C_HMIN,
+ C_SIGNAL) = range(21)
+NUM_INT_COLS = 21
+# Columns of the float32 per-slot state matrix.
+F_TAU, F_PENDING = range(2)
+
+
+@dataclass(frozen=True)
+class Markers:
+    """Token ids of the thinking markers (Qwen3 / DeepSeek-R1 / testbed style)."""
+
+    think_start: int
+    think_end: int
+
+
+@dataclass(frozen=True)
+class HaltingParams:
+    signal: int
+    aggregate: int
+    top_k: int
+    window: int
+    threshold: float
+    above: bool
+    stop: bool          # action "stop" (force EOS) instead of "conclude"
+    min_tokens: int
+
+    @classmethod
+    def from_options(cls, h) -> HaltingParams:
+        """From a `HaltingOptions` whose threshold is numeric (resolved)."""
+        return cls(H.signal_code(h.signal), H.aggregate_code(h.aggregate), h.top_k, h.window,
+                   float(h.threshold), h.direction == "above", h.action == "stop", h.min_tokens)
+
+
+@dataclass(frozen=True)
+class SlotParams:
+    """Everything `add` needs for one request, already resolved to token ids and numbers."""
+
+    think_cap: int | None = None
+    out_limit: int | None = None
+    min_think: int = 0
+    max_extensions: int = 0
+    conclusion_ids: tuple[int, ...] = ()
+    continuation_ids: tuple[int, ...] = ()
+    suppress_ids: tuple[int, ...] = ()   # stop tokens blocked below min_think (</think> always)
+    eos_id: int | None = None            # forced by halting action "stop"
+    halting: HaltingParams | None = None
+    # Initial state, from the token history at admission (see `scan_think_state`).
+    phase: int = PHASE_BEFORE
+    thinking_tokens: int = 0
+    output_tokens: int = 0
+
+    @classmethod
+    def from_options(cls, options, *, encode: Callable[[str], Sequence[int]],
+                     max_tokens: int | None, stop_ids: Sequence[int] = (),
+                     eos_id: int | None = None, model: str | None = None,
+                     calibration: dict | None = None, **initial) -> SlotParams:
+        """Resolve a `TTCOptions` (budget tables, answer reserve, calibrated threshold)."""
+        rb = options.resolve_budget(max_tokens, model)
+        h = options.resolved_halting(calibration)
+        return cls(
+            think_cap=rb.think_cap, out_limit=rb.out_limit, min_think=rb.min_think,
+            max_extensions=options.max_extensions,
+            conclusion_ids=tuple(encode(options.conclusion)) if options.conclusion else (),
+            continuation_ids=tuple(encode(options.continuation)) if options.continuation else (),
+            suppress_ids=tuple(sorted(set(stop_ids) | ({eos_id} if eos_id is not None else set()))),
+            eos_id=eos_id,
+            halting=HaltingParams.from_options(h) if h is not None else None,
+            **initial)
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """What happened to a request's thinking, read once at removal."""
+
+    phase: str
+    reason: str             # none | natural | budget | halt | stop
+    thinking_tokens: int
+    stop_step: int | None   # thinking tokens when thinking ended / forcing began
+    extensions: int
+
+
+def scan_think_state(history: torch.Tensor, lengths: torch.Tensor, markers: Markers
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(phase, thinking tokens) per row of a token history [N, T] with valid lengths [N]:
+    THINKING with the tokens after an unclosed last `<think>` counted (a prompt ending in
+    `<think>` starts thinking at 0), else BEFORE."""
+    pos = torch.arange(history.shape[1], device=history.device)[None, :]
+    valid = pos < lengths[:, None]
+    none = torch.full_like(pos, -1)
+    last_start = torch.where(valid & (history == markers.think_start), pos, none).amax(-1)
+    last_end = torch.where(valid & (history == markers.think_end), pos, none).amax(-1)
+    thinking = last_start > last_end
+    phase = torch.where(thinking, PHASE_THINKING, PHASE_BEFORE)
+    count = torch.where(thinking, lengths - last_start - 1, torch.zeros_like(lengths))
+    return phase.long(), count.long()
+
+
+class ThinkingController:
+    """Per-slot thinking state for up to `num_slots` requests, stepped as a batch."""
+
+    def __init__(self, num_slots: int, markers: Markers, device: torch.device | str = "cpu",
+                 seq_capacity: int = 32, suppress_capacity: int = 8, window: int = 64):
+        self.num_slots = num_slots
+        self.null_slot = num_slots     # rows without a slot point here; it stays INACTIVE
+        self.markers = markers
+        self.device = torch.device(device)
+        n = num_slots + 1
+        self.ints = torch.zeros(n, NUM_INT_COLS, dtype=torch.long, device=self.device)
+        self.floats = torch.zeros(n, 2, dtype=torch.float32, device=self.device)
+        self.seqs = torch.full((n, 3, seq_capacity), markers.think_end, dtype=torch.long,
+                               device=self.device)
+        self.suppress = torch.full((n, suppress_capacity), markers.think_end, dtype=torch.long,
+                                   device=self.device)
+        self.windows = H.SignalWindows(n, window, self.device)
+        # Host-side bookkeeping only (no device reads): which optional work a step needs.
+        self._active: set[int] = set()
+        self._halting: set[int] = set()
+        self._min_think: set[int] = set()
+
+    # ---- admission / removal (host, once per request) ---------------------------------
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    def is_active(self, slot: int) -> bool:
+        return slot in self._active
+
+    def add(self, slot: int, p: SlotParams) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
+        conc = list(p.conclusion_ids) + [self.markers.think_end]
+        cont = list(p.continuation_ids)
+        eos = [p.eos_id] if p.eos_id is not None else [self.markers.think_end]
+        self._fit_seqs(max(len(conc), len(cont), 1))
+        seq_rows = torch.full((3, self.seqs.shape[2]), self.markers.think_end, dtype=torch.long)
+        for k, ids in ((SEQ_CONCLUSION, conc), (SEQ_CONTINUATION, cont), (SEQ_EOS, eos)):
+            if ids:
+                seq_rows[k, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        sup = sorted(set(p.suppress_ids) | {self.markers.think_end})
+        self._fit_suppress(len(sup))
+        sup_row = torch.full((self.suppress.shape[1],), self.markers.think_end, dtype=torch.long)
+        sup_row[:len(sup)] = torch.tensor(sup, dtype=torch.long)
+
+        row = [0] * NUM_INT_COLS
+        row[C_PHASE] = p.phase
+        row[C_COUNT] = p.thinking_tokens
+        row[C_SEEN] = p.output_tokens
+        row[C_CAP] = UNLIMITED if p.think_cap is None else p.think_cap
+        row[C_OUTLIM] = UNLIMITED if p.out_limit is None else p.out_limit
+        row[C_MIN] = p.min_think
+        row[C_MAXEXT] = p.max_extensions if cont else 0
+        row[C_LEN_CONC], row[C_LEN_CONT], row[C_LEN_EOS] = len(conc), len(cont), len(eos)
+        h = p.halting
+        if h is not None:
+            row[C_HON], row[C_HTOPK], row[C_HABOVE] = 1, h.top_k, int(h.above)
+            row[C_HSTOP], row[C_HMIN], row[C_SIGNAL] = int(h.stop), h.min_tokens, h.signal
+            self.windows.reset(slot, h.signal, h.aggregate, h.window)
+        # One host->device copy per tensor.
+        self.ints[slot] = torch.tensor(row, dtype=torch.long).to(self.device)
+        self.floats[slot] = torch.tensor([h.threshold if h else 0.0, 0.0]).to(self.device)
+        self.seqs[slot] = seq_rows.to(self.device)
+        self.suppress[slot] = sup_row.to(self.device)
+        self._active.add(slot)
+        (self._halting.add if h is not None else self._halting.discard)(slot)
+        (self._min_think.add if p.min_think > 0 else self._min_think.discard)(slot)
+
+    def init_from_history(self, slots: torch.Tensor, history: torch.Tensor,
+                          lengths: torch.Tensor, output_tokens: torch.Tensor) -> None:
+        """Set phase / thinking tokens / consumed output of `slots` from their token
+        history on device (Model Runner V2 sees the prompt only after admission)."""
+        phase, count = scan_think_state(history, lengths, self.markers)
+        self.ints[slots, C_PHASE] = phase
+        self.ints[slots, C_COUNT] = count
+        self.ints[slots, C_SEEN] = output_tokens.long()
+
+    def record(self, slot: int) -> SlotRecord:
+        """Host read of one slot's outcome (a device sync: call at removal only)."""
+        cols = [C_PHASE, C_REASON, C_COUNT, C_HSTEP, C_EXT]
+        phase, reason, count, hstep, ext = self.ints[slot, cols].tolist()
+        ended = reason != REASON_NONE
+        return SlotRecord(PHASE_NAMES[phase], REASON_NAMES[reason], count,
+                          hstep if ended else None, ext)
+
+    def remove(self, slot: int) -> SlotRecord | None:
+        if slot not in self._active:
+            return None
+        rec = self.record(slot)
+        self.ints[slot, C_PHASE] = PHASE_INACTIVE
+        self._active.discard(slot)
+        self._halting.discard(slot)
+        self._min_think.discard(slot)
+        return rec
+
+    def _fit_seqs(self, length: int) -> None:
+        if length > self.seqs.shape[2]:
+            extra = self.seqs.new_full((self.seqs.shape[0], 3, length - self.seqs.shape[2]),
+                                       self.markers.think_end)
+            self.seqs = torch.cat([self.seqs, extra], dim=2)
+
+    def _fit_suppress(self, length: int) -> None:
+        if length > self.suppress.shape[1]:
+            extra = self.suppress.new_full((self.suppress.shape[0], length - self.suppress.shape[1]),
+                                           self.markers.think_end)
+            self.suppress = torch.cat([self.suppress, extra], dim=1)
+
+    # ---- the per-step hot path ---------------------------------------------------------
+
+    def step(self, logits: torch.Tensor, slots: torch.Tensor, last_tokens: torch.Tensor,
+             output_tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance every row's slot by its last sampled token, then edit its logits.
+
+        logits [B, V] (edited in place and returned); rows [R] the logits rows to handle
+        (None = all B rows, R = B); slots [R] their slots (-1 = not controlled);
+        last_tokens [R] each row's last output token (-1 = none / placeholder);
+        output_tokens [R] each row's output length (a token is new when it grew).
+        """
+        if not self._active:
+            return logits
+        dev = self.device
+        sub = logits if rows is None else logits.index_select(0, rows)
+        s = torch.where(slots < 0, torch.full_like(slots, self.null_slot), slots).long()
+        st = self.ints[s]                                      # [R, C]
+        fl = self.floats[s]
+        out_len = output_tokens.to(dev).long()
+        last = last_tokens.to(dev).long()
+        ph, count, kind, fpos = st[:, C_PHASE], st[:, C_COUNT], st[:, C_KIND], st[:, C_FPOS]
+        cap_len = self.seqs.shape[2]
+        seq = self.seqs[s, kind]                               # [R, L] current forced seq
+        seq_len = st[:, C_LEN_CONC:C_LEN_EOS + 1].gather(1, kind[:, None]).squeeze(1)
+
+        # 1. Advance by the last sampled token.
+        new = out_len > st[:, C_SEEN]
+        forcing = ph == PHASE_FORCING
+        expected = seq.gather(1, fpos.clamp(max=cap_len - 1)[:, None]).squeeze(1)
+        tok = torch.where(last >= 0, last, torch.where(forcing, expected, torch.full_like(last, -1)))
+        has = new & (tok >= 0)
+        is_end = tok == self.markers.think_end
+        follows = has & forcing & (tok == expected)
+        fpos1 = fpos + follows.long()
+        seq_done = follows & (fpos1 >= seq_len)
+        broke = has & forcing & ~follows
+        in_think = (ph == PHASE_THINKING) | forcing
+        eos_forced = forcing & (kind == SEQ_EOS)   # a forced EOS ends the request, not a thought
+        count1 = count + (has & in_think & ~is_end & ~eos_forced).long()
+        h_on = st[:, C_HON] > 0
+        if self._halting:
+            self.windows.push(s, fl[:, F_PENDING], has & (ph == PHASE_THINKING) & ~is_end & h_on)
+        reopen = has & ((ph == PHASE_BEFORE) | (ph == PHASE_ANSWERING)) & (tok == self.markers.think_start)
+        ph1 = torch.where(reopen, PHASE_THINKING, ph)
+        ph1 = torch.where((seq_done & (kind == SEQ_CONTINUATION)) | broke, PHASE_THINKING, ph1)
+        ph1 = torch.where(has & in_think & is_end, PHASE_ANSWERING, ph1)
+        ph1 = torch.where(seq_done & (kind == SEQ_EOS), PHASE_DONE, ph1)
+        reason, hstep = st[:, C_REASON], st[:, C_HSTEP]
+        natural = has & (ph == PHASE_THINKING) & is_end & (reason == REASON_NONE)
+        reason = torch.where(natural, REASON_NATURAL, reason)
+        hstep = torch.where(natural, count1, hstep)
+
+        # 2. Decide: budget > halting > min-think extension.
+        free = ph1 == PHASE_THINKING
+        cont_forcing = (ph1 == PHASE_FORCING) & (kind == SEQ_CONTINUATION)
+        conc_len = st[:, C_LEN_CONC] - 1
+        left = torch.minimum(st[:, C_CAP] - count1, st[:, C_OUTLIM] - out_len)
+        budget_hit = (free | cont_forcing) & (left <= conc_len)
+        min_think = st[:, C_MIN]
+        trig = torch.zeros_like(budget_hit)
+        if self._halting:
+            sig = st[:, C_SIGNAL]
+            raw = H.raw_signal(sub, sig, st[:, C_HTOPK].clamp(1, H.MAX_TOP_K))
+            self.floats[s, F_PENDING] = raw.float()
+            f, fvalid = self.windows.value(s)
+            eligible = (free & h_on & ~budget_hit & (count1 >= st[:, C_HMIN])
+                        & (count1 >= min_think))
+            trig = H.halt_decision(f, fvalid & eligible, fl[:, F_TAU], st[:, C_HABOVE] > 0)
+        h_stop = st[:, C_HSTOP] > 0
+        attempt = torch.zeros_like(budget_hit)
+        below = free & (count1 < min_think)
+        if self._min_think:
+            sup = self.suppress[s]
+            top = sub.argmax(-1)
+            tries = (sup == top[:, None]).any(-1)
+            attempt = below & tries & ~budget_hit & ~trig & (st[:, C_EXT] < st[:, C_MAXEXT])
+        start = budget_hit | trig | attempt
+        new_kind = torch.where(budget_hit | (trig & ~h_stop), SEQ_CONCLUSION,
+                               torch.where(trig, SEQ_EOS, SEQ_CONTINUATION))
+        kind2 = torch.where(start, new_kind, kind)
+        start_pos = torch.where(budget_hit & (left < conc_len), conc_len, torch.zeros_like(conc_len))
+        fpos2 = torch.where(start, start_pos, fpos1)
+        ph2 = torch.where(start, PHASE_FORCING, ph1)
+        ended = budget_hit | trig
+        reason = torch.where(budget_hit, REASON_BUDGET,
+                             torch.where(trig, torch.where(h_stop, REASON_STOP, REASON_HALT), reason))
+        hstep = torch.where(ended, count1, hstep)
+
+        # 3. Write the state back (one scatter per matrix).
+        st = st.clone()
+        st[:, C_PHASE], st[:, C_COUNT], st[:, C_KIND], st[:, C_FPOS] = ph2, count1, kind2, fpos2
+        st[:, C_SEEN] = torch.where(new, out_len, st[:, C_SEEN])
+        st[:, C_EXT] = st[:, C_EXT] + attempt.long()
+        st[:, C_REASON], st[:, C_HSTEP] = reason, hstep
+        self.ints[s] = st
+
+        # 4. Edit the logits: block stop tokens below min_think, then force sequences.
+        neg_inf = torch.tensor(float("-inf"), dtype=sub.dtype, device=sub.device)
+        if self._min_think:
+            block = (ph2 == PHASE_THINKING) & (count1 < min_think)
+            sub.scatter_(1, sup, torch.where(block[:, None], neg_inf, sub.gather(1, sup)))
+        forced = ph2 == PHASE_FORCING
+        ftok = self.seqs[s, kind2].gather(1, fpos2.clamp(max=cap_len - 1)[:, None])   # [R, 1]
+        keep = sub.gather(1, ftok)
+        sub.masked_fill_(forced[:, None], float("-inf"))
+        sub.scatter_(1, ftok, torch.where(forced[:, None], torch.zeros_like(keep), keep))
+        if rows is not None:
+            logits.index_copy_(0, rows, sub)
+        return logits
