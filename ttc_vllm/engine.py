@@ -1,0 +1,88 @@
+"""The one adapter between ttc-vllm and a vLLM engine (offline `LLM`).
+
+Everything else in `ttc_vllm` talks to vLLM through here, so engine defaults for CPU
+machines (explicit KV bytes, eager mode, small blocks so short traces hit the prefix cache)
+live in one place. vLLM is imported lazily: importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+# CPU-friendly defaults; every one can be overridden by the caller (GPU users usually do).
+CPU_ENGINE_DEFAULTS: dict[str, Any] = {
+    "enforce_eager": True,
+    "kv_cache_memory_bytes": 1 << 30,
+    "block_size": 16,
+    "max_model_len": 1024,
+    "enable_prefix_caching": True,
+    "seed": 0,
+}
+
+
+def on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch comes with vllm
+        return True
+
+
+def engine_kwargs(model: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM`: testbed policy by default, CPU defaults on CPU."""
+    from ttc_vllm.testbed import policy_path
+
+    kwargs: dict[str, Any] = {"model": str(model or policy_path())}
+    if on_cpu():
+        kwargs.update(CPU_ENGINE_DEFAULTS)
+    if "TTC_VLLM_KV_BYTES" in os.environ:
+        kwargs["kv_cache_memory_bytes"] = int(os.environ["TTC_VLLM_KV_BYTES"])
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_llm(model: str | None = None, **overrides: Any):
+    """A `vllm.LLM` with the ttc-vllm logits processor registered explicitly.
+
+    Passing the processor class (not only the entry point) matters on GPU with async
+    scheduling: explicitly given processors get real token ids instead of -1 placeholders.
+    """
+    from vllm import LLM
+
+    kwargs = engine_kwargs(model, **overrides)
+    kwargs.setdefault("logits_processors", [_processor_class()])
+    return LLM(**kwargs)
+
+
+def _processor_class():
+    from ttc_vllm_plugins.logits import TTCLogitsProcessor
+
+    return TTCLogitsProcessor
+
+
+@dataclass
+class Completion:
+    """One sampled completion of a prompt, with what it cost."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    cached_prompt_tokens: int = 0
+
+
+def sampling_params(**kwargs: Any):
+    from vllm import SamplingParams
+
+    return SamplingParams(**kwargs)
+
+
+def generate(llm, prompts: list[str], params, use_tqdm: bool = False) -> list[list[Completion]]:
+    """Completions for each prompt (n per prompt as set in `params`)."""
+    outs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    result = []
+    for out in outs:
+        cached = out.num_cached_tokens or 0
+        result.append([Completion(o.text, list(o.token_ids), o.finish_reason, cached) for o in out.outputs])
+    return result
