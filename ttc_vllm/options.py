@@ -12,7 +12,7 @@ import math
 from typing import Any, Literal
 
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError,
-                      field_validator, model_validator)
+                      ValidationInfo, field_validator, model_validator)
 
 from ttc_vllm import budget
 
@@ -46,7 +46,14 @@ class HaltingOptions(BaseModel):
 
     @field_validator("threshold", mode="before")
     @classmethod
-    def _threshold_kind(cls, v: Any) -> Any:
+    def _threshold_kind(cls, v: Any, info: ValidationInfo) -> Any:
+        v = cls._threshold_value(v)
+        if "signal" in info.data:  # declared before threshold, so already validated
+            check_threshold_range(info.data["signal"], v)
+        return v
+
+    @staticmethod
+    def _threshold_value(v: Any) -> Any:
         if isinstance(v, bool):
             raise ValueError("must be a number or a calibration entry name, not a boolean")
         if isinstance(v, str):
@@ -65,11 +72,6 @@ class HaltingOptions(BaseModel):
             return float(v)
         raise ValueError(f"must be a number or a calibration entry name, got {type(v).__name__}")
 
-    @model_validator(mode="after")
-    def _threshold_range(self) -> HaltingOptions:
-        check_threshold_range(self.signal, self.threshold)
-        return self
-
     @property
     def is_calibrated(self) -> bool:
         """True when the threshold names a calibration entry still to be looked up."""
@@ -82,11 +84,11 @@ def check_threshold_range(signal: str, threshold: float | str) -> None:
         return
     if signal in CONFIDENCE_SIGNALS and threshold < 0:
         raise ValueError(
-            f"threshold: {signal} is >= 0 (minus the mean of top-k log-probs); "
+            f"{signal} is >= 0 (minus the mean of top-k log-probs); "
             f"a negative threshold {threshold} makes no sense")
     if signal == "entropy" and threshold > 0:
         raise ValueError(
-            f"threshold: the entropy signal is minus the entropy (<= 0, larger = more "
+            f"the entropy signal is minus the entropy (<= 0, larger = more "
             f"confident); a positive threshold {threshold} makes no sense")
 
 
