@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ttc_vllm.testbed.metrics import MarkerIds, majority, overthinking_tokens, thinking_tokens
+from ttc_vllm.search.aggregate import majority_vote
+from ttc_vllm.testbed.metrics import MarkerIds, overthinking_tokens, thinking_tokens
 from ttc_vllm.testbed.task import extract_answer, generate, prompt
 
 HELD_OUT_SEED = 10_000  # training never uses tier generators; this seed is for evaluation only
@@ -27,6 +28,12 @@ class TierResult:
     overthinking_share: float       # share of sampled thinking tokens after the answer first appears
     greedy_overthinking_share: float
     curve: list[dict]               # majority@j over the first j samples: accuracy and tokens per problem
+
+
+def majority(answers):
+    """The majority answer (ties: first seen), or None when no sample answered."""
+    i = majority_vote(answers)
+    return None if i is None else answers[i]
 
 
 def evaluate_tier(llm, tier: str, problems: int, k: int, temperature: float = 0.8,

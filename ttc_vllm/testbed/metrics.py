@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -43,12 +42,3 @@ def overthinking_tokens(token_ids: Sequence[int], ids: MarkerIds, decode, answer
                 return n_think - (i + 1)
             start = i + 1
     return 0
-
-
-def majority(answers: Sequence[int | None]) -> int | None:
-    """Most common non-empty answer; ties go to the answer seen first (deterministic)."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == best)
