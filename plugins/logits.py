@@ -49,6 +49,7 @@ class TTCLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         self._v1 = self._v2 = None
         is_v2 = (len(args) == 1 and not kwargs) or "req_states" in kwargs
         self.runner = "v2" if is_v2 else "v1"
+        self._config = vllm_config  # keeps id(vllm_config) unique while this owner lives
         if not _claim(vllm_config, self):
             return
         if is_v2:
