@@ -1,0 +1,156 @@
+"""Thinking controls through a real vLLM engine on the testbed policy (V1 runner on CPU).
+
+Uses a session fixture `llm`; until tests/conftest.py provides the shared one, the
+module-level fixture below builds it. The checks hold for any weights (the random probe
+included): logit_bias pushes the model to end thinking early so the floors are exercised.
+"""
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from ttc_vllm.testbed.task import generate, prompt
+
+pytestmark = pytest.mark.engine
+
+CONCLUSION = "\nTime is up, concluding."
+
+
+def _policy_path() -> str:
+    from ttc_vllm.testbed import policy_path
+
+    for p in (policy_path(), Path("/tmp/train/policy"), Path("/tmp/policy_probe")):
+        if (Path(p) / "config.json").exists():
+            return str(p)
+    pytest.skip("no testbed policy checkpoint available")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """Temporary: the lead's tests/conftest.py will provide a session-wide `llm`."""
+    vllm = pytest.importorskip("vllm")
+    from ttc_vllm_plugins.logits import TTCLogitsProcessor
+
+    engine = vllm.LLM(model=_policy_path(), logits_processors=[TTCLogitsProcessor], enforce_eager=True,
+                      kv_cache_memory_bytes=512 * 2**20, block_size=32, max_model_len=512, seed=0)
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def ids(llm):
+    tok = llm.get_tokenizer()
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    return dict(start=tok.convert_tokens_to_ids("<think>"), end=tok.convert_tokens_to_ids("</think>"),
+                eos=tok.eos_token_id, conclusion=enc(CONCLUSION), wait=enc("\nWait,"))
+
+
+def thinking_tokens(token_ids, start, end):
+    """Tokens inside thinking blocks; the prompt opened the first one."""
+    inside, n = True, 0
+    for t in token_ids:
+        if t == end:
+            inside = False
+        elif t == start and not inside:
+            inside = True
+        elif inside:
+            n += 1
+    return n
+
+
+def first_block(token_ids, end):
+    return list(token_ids[:token_ids.index(end)]) if end in token_ids else list(token_ids)
+
+
+def sampling(ttc, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(extra_args={"ttc": json.dumps(ttc)} if ttc is not None else None, **kw)
+
+
+def prompts(n, seed=0):
+    return [prompt(p) for p in generate("medium", n, seed)]
+
+
+def test_random_budgets_never_exceeded(llm, ids):
+    rng = random.Random(0)
+    reqs = []
+    for text in prompts(24):
+        cap = rng.randint(0, 60)
+        reqs.append((text, cap, sampling({"max_think": cap}, n=rng.choice([1, 2, 3]), temperature=1.0,
+                                         max_tokens=cap + 40, seed=rng.randint(0, 10**6),
+                                         logit_bias={ids["eos"]: -100.0})))
+    outs = llm.generate([r[0] for r in reqs], [r[2] for r in reqs], use_tqdm=False)
+    conc, forced = ids["conclusion"], 0
+    for (_, cap, params), out in zip(reqs, outs):
+        assert len(out.outputs) == params.n
+        for o in out.outputs:
+            tids = list(o.token_ids)
+            assert thinking_tokens(tids, ids["start"], ids["end"]) <= cap
+            block = first_block(tids, ids["end"])
+            if len(block) >= cap - len(conc):            # budget reached: forced ending
+                forced += 1
+                assert ids["end"] in tids
+                if cap >= len(conc):
+                    assert block[-len(conc):] == conc and len(block) == cap
+                else:
+                    assert block == []                    # too small for the phrase: </think> only
+    assert forced > 0
+
+
+def test_answer_reserve_keeps_room_for_the_answer(llm, ids):
+    reserve = 12
+    params = sampling({"answer_reserve": reserve}, temperature=1.0, max_tokens=50, seed=1,
+                      logit_bias={ids["eos"]: -100.0})
+    for out in llm.generate(prompts(4, seed=1), params, use_tqdm=False):
+        tids = list(out.outputs[0].token_ids)
+        assert ids["end"] in tids and tids.index(ids["end"]) <= 50 - reserve - 1
+
+
+def test_min_think_never_closes_early(llm, ids):
+    rng = random.Random(1)
+    reqs = []
+    for text in prompts(12, seed=2):
+        floor = rng.randint(5, 40)
+        # The bias makes the model try to end thinking (and stop) right away.
+        reqs.append((floor, sampling({"min_think": floor, "max_extensions": 3}, temperature=1.0,
+                                     max_tokens=120, n=rng.choice([1, 2]), seed=rng.randint(0, 10**6),
+                                     logit_bias={ids["end"]: 8.0, ids["eos"]: 6.0})))
+    outs = llm.generate(prompts(12, seed=2), [r[1] for r in reqs], use_tqdm=False)
+    injected = 0
+    for (floor, _), out in zip(reqs, outs):
+        for o in out.outputs:
+            block = first_block(list(o.token_ids), ids["end"])
+            assert len(block) >= floor
+            injected += any(block[i:i + len(ids["wait"])] == ids["wait"] for i in range(len(block)))
+    assert injected > 0
+
+
+def test_effort_none_and_halting_end_to_end(llm, ids):
+    none = sampling({"reasoning_effort": "none"}, temperature=1.0, max_tokens=20, seed=3)
+    # tau=0 on a confidence >= 0: halts as soon as min_tokens thinking tokens exist.
+    halt = sampling({"halting": {"signal": "token_confidence", "threshold": 0.0, "min_tokens": 7,
+                                 "window": 4}}, temperature=1.0, max_tokens=80, seed=4,
+                    logit_bias={ids["end"]: -100.0, ids["eos"]: -100.0})
+    stop = sampling({"halting": {"signal": "entropy", "threshold": -1e-9, "direction": "below",
+                                 "action": "stop", "min_tokens": 5}}, temperature=1.0, max_tokens=80, seed=5,
+                    logit_bias={ids["eos"]: -100.0})
+    o_none, o_halt, o_stop = llm.generate(prompts(3, seed=3), [none, halt, stop], use_tqdm=False)
+    assert list(o_none.outputs[0].token_ids)[0] == ids["end"]
+    block = first_block(list(o_halt.outputs[0].token_ids), ids["end"])
+    assert block[7:] == ids["conclusion"] and ids["end"] in o_halt.outputs[0].token_ids
+    s = o_stop.outputs[0]
+    assert list(s.token_ids) [5:] == [ids["eos"]] and s.finish_reason == "stop"
+
+
+def test_bad_option_rejected_at_admission_engine_keeps_serving(llm, ids):
+    with pytest.raises(Exception, match=r"ttc\.max_think"):
+        llm.generate(prompts(1), sampling({"max_think": -1}, max_tokens=5), use_tqdm=False)
+    with pytest.raises(Exception, match=r"ttc\.halting"):
+        llm.generate(prompts(1), sampling({"halting": {"threshold": 1, "nested": {"x": 1}}}, max_tokens=5),
+                     use_tqdm=False)
+    out = llm.generate(prompts(2), [sampling({"max_think": 3}, max_tokens=10, temperature=0.0),
+                                    sampling(None, max_tokens=10, temperature=0.0)], use_tqdm=False)
+    assert thinking_tokens(list(out[0].outputs[0].token_ids), ids["start"], ids["end"]) <= 3
+    assert len(out[1].outputs[0].token_ids) > 0
