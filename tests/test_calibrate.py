@@ -1,0 +1,65 @@
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from ttc_vllm import calibrate as cal
+
+
+def test_entry_by_percentile_uses_engine_maths():
+    # tail over window 2 of r: trace scores (max, min_tokens=2) are 2.5, 4.0, 1.5
+    traces = [[1.0, 3.0, 2.0], [0.0, 4.0, 4.0], [1.0, 2.0, 1.0]]
+    e = cal.calibrate_entry(traces, signal="token_confidence", aggregate="tail", window=2,
+                            min_tokens=2, percentile=50)
+    assert e["threshold"] == pytest.approx(2.5)
+    assert (e["signal"], e["aggregate"], e["window"], e["min_tokens"], e["traces"]) == (
+        "token_confidence", "tail", 2, 2, 3)
+
+
+def test_entry_by_accuracy_loss_and_argument_checks():
+    traces = [[1.0], [2.0], [3.0], [4.0]]
+    e = cal.calibrate_entry(traces, signal="token_confidence", aggregate="mean", window=1,
+                            direction="below", max_loss=0.0, correct=[False, False, True, True])
+    assert e["threshold"] == 3.0 and e["accuracy"] == 0.5
+    with pytest.raises(ValueError, match="exactly one"):
+        cal.calibrate_entry(traces, signal="entropy", aggregate="mean", window=1)
+    with pytest.raises(ValueError, match="correctness"):
+        cal.calibrate_entry(traces, signal="entropy", aggregate="mean", window=1, max_loss=0.1)
+
+
+def test_confidence_threshold_is_clamped_into_range():
+    e = cal.calibrate_entry([[0.0], [0.0], [1.0]], signal="token_confidence", aggregate="mean", window=1,
+                            max_loss=1.0, correct=[True, True, True])
+    assert e["threshold"] == 0.0
+
+
+def test_save_load_roundtrip_and_errors(tmp_path, monkeypatch):
+    path = tmp_path / "c.json"
+    cal.save_calibration(path, "a", {"signal": "entropy", "threshold": -1.0})
+    cal.save_calibration(path, "b", {"signal": "token_confidence", "threshold": 2.0})
+    assert set(cal.load_calibration(path)) == {"a", "b"}
+    monkeypatch.delenv(cal.CALIBRATION_ENV, raising=False)
+    assert cal.load_calibration() == {}
+    monkeypatch.setenv(cal.CALIBRATION_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="does not exist"):
+        cal.load_calibration()
+    path.write_text(json.dumps({"x": {"signal": "entropy"}}))
+    with pytest.raises(ValueError, match="'x' has no numeric threshold"):
+        cal.load_calibration(path)
+
+
+def test_per_token_signal_from_vllm_logprobs():
+    lp = lambda v, r: SimpleNamespace(logprob=v, rank=r)  # noqa: E731
+    # sampled token (rank 3) returned beside the top-2
+    pos = {5: lp(math.log(0.5), 1), 6: lp(math.log(0.25), 2), 7: lp(math.log(0.125), 3)}
+    assert cal.per_token_signal([pos], "token_confidence", 2) == pytest.approx([(math.log(2) + math.log(4)) / 2])
+    full = {i: lp(math.log(0.25), i + 1) for i in range(4)}
+    assert cal.per_token_signal([full], "entropy", 20) == pytest.approx([-math.log(4)])
+
+
+def test_parser_requires_one_picking_rule():
+    with pytest.raises(SystemExit):
+        cal.build_parser().parse_args(["--name", "x"])
+    args = cal.build_parser().parse_args(["--name", "x", "--percentile", "10", "--direction", "below"])
+    assert args.percentile == 10 and args.seed == cal.CALIBRATION_SEED
