@@ -1,0 +1,227 @@
+"""The search StepGenerator over an offline (synchronous) `vllm.LLM`.
+
+Prompts go to the engine as token ids (`{"prompt_token_ids": prefix}`), and every step keeps
+the exact token ids the engine produced, so a child's prompt is its parent's prompt plus the
+parent's tokens: with prefix caching on, only the new step is prefilled.
+
+A step ends at the step delimiter (kept in the step) or at EOS (the trace is finished):
+- a delimiter that is an *added* vocabulary token (the testbed's `<step>`, Qwen-PRM's
+  `<extra_0>`) stops on its token id (`stop_token_ids`) -- such tokens never merge with
+  neighbours, so the id is exact;
+- any other delimiter ("\\n\\n" for real models) stops on the string
+  (`stop=[...]`, `include_stop_str_in_output=True`); the token that completes the string
+  ends the step, even when it carries characters past it.
+
+One `generate_steps`/`complete` call is ONE `llm.generate` over all prefixes with `n`
+samples each. The blocking call runs on a private single-thread executor: the event loop
+(the PRM pool, other searches) keeps running, and calls are serialized because `LLM` is not
+thread-safe. Step text is always the tokenizer's decoding of the step's own token ids, so
+`generate_steps` and `complete` describe the same tokens the same way.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from ttc_vllm.search.protocols import Completion, Step, StepParams
+from ttc_vllm.testbed.task import STEP_TAG
+
+DEFAULT_CONFIDENCE_TOP_K = 20  # DeepConf's k; vLLM's default max_logprobs is 20 as well
+
+
+@dataclass(frozen=True)
+class Delimiter:
+    """Where a step ends: `token_id` when the delimiter is a single added token, else the
+    string is matched in the decoded text."""
+
+    text: str
+    token_id: int | None = None
+
+
+def resolve_delimiter(tokenizer, text: str) -> Delimiter:
+    if not text:
+        raise ValueError("step_delimiter must be a non-empty string")
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    if text in added:
+        return Delimiter(text, int(added[text]))
+    return Delimiter(text)
+
+
+def split_steps(token_ids: Sequence[int], delimiter: Delimiter,
+                decode: Callable[[Sequence[int]], str]) -> list[list[int]]:
+    """Cut a continuation into steps, each ending with the token that completes the
+    delimiter; the last piece holds whatever follows the last delimiter (it may be empty
+    only when the input is)."""
+    steps: list[list[int]] = []
+    current: list[int] = []
+    for tid in token_ids:
+        current.append(tid)
+        if delimiter.token_id is not None:
+            done = tid == delimiter.token_id
+        else:  # only the new token can complete the delimiter: look at the step's tail
+            done = delimiter.text in decode(current)
+        if done:
+            steps.append(current)
+            current = []
+    if current or not steps:
+        steps.append(current)
+    return steps
+
+
+def token_confidences(logprobs: Iterable[dict[int, Any]] | None, top_k: int) -> list[float]:
+    """DeepConf token confidence per generated token: -mean of its top-k log-probs.
+    `logprobs` is vLLM's per-token list of {token_id: Logprob}; vLLM adds the sampled token
+    when it is outside the top k, so the k largest values are taken."""
+    if logprobs is None:
+        return []
+    out = []
+    for entry in logprobs:
+        values = sorted((_logprob_value(v) for v in entry.values()), reverse=True)[:top_k]
+        out.append(-sum(values) / len(values) if values else 0.0)
+    return out
+
+
+def _logprob_value(v: Any) -> float:
+    return float(v.logprob if hasattr(v, "logprob") else v)
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def request_seed(seed: int, prefix: Sequence[int]) -> int:
+    """A per-request seed from the generator seed and the prefix, so a prefix's samples do
+    not depend on how calls were batched."""
+    digest = hashlib.sha1(f"{seed}:{','.join(map(str, prefix))}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class OfflineStepGenerator:
+    """StepGenerator over an offline `vllm.LLM` (build it with `ttc_vllm.engine.make_llm`;
+    prefix caching must be on for the cache hits to happen)."""
+
+    def __init__(self, llm, step_delimiter: str = STEP_TAG,
+                 confidence_top_k: int = DEFAULT_CONFIDENCE_TOP_K, seed: int | None = None):
+        if confidence_top_k < 1:
+            raise ValueError(f"confidence_top_k must be >= 1, got {confidence_top_k}")
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        self.default_delimiter = resolve_delimiter(self.tokenizer, step_delimiter)
+        self.confidence_top_k = confidence_top_k
+        self.seed = seed
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttc-llm")
+
+    # -- protocol ---------------------------------------------------------------------------
+    async def generate_steps(self, prefixes: Sequence[Sequence[int]], n: int,
+                             params: StepParams) -> list[list[Step]]:
+        return await self._run(self.generate_steps_sync, prefixes, n, params)
+
+    async def complete(self, prefixes: Sequence[Sequence[int]], n: int,
+                       params: StepParams) -> list[list[Completion]]:
+        return await self._run(self.complete_sync, prefixes, n, params)
+
+    async def _run(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+    # -- synchronous versions (the executor runs these) -------------------------------------
+    def generate_steps_sync(self, prefixes: Sequence[Sequence[int]], n: int,
+                            params: StepParams) -> list[list[Step]]:
+        delimiter = self._delimiter(params)
+        outputs = self._generate(prefixes, n, params, delimiter, stop_at_delimiter=True)
+        result = []
+        for prefix, out in zip(prefixes, outputs):
+            samples = []
+            for j, o in enumerate(out.outputs):
+                ids = list(o.token_ids)
+                conf = _mean(token_confidences(o.logprobs, self.confidence_top_k)) \
+                    if params.confidence else None
+                usage = self._usage(prefix, out) if j == 0 else (0, 0)
+                samples.append(Step(tuple(ids), self._decode(ids), _ended_by_eos(o),
+                                    prompt_tokens=usage[0], cached_prompt_tokens=usage[1],
+                                    mean_confidence=conf))
+            result.append(samples)
+        return result
+
+    def complete_sync(self, prefixes: Sequence[Sequence[int]], n: int,
+                      params: StepParams) -> list[list[Completion]]:
+        delimiter = self._delimiter(params)
+        outputs = self._generate(prefixes, n, params, delimiter, stop_at_delimiter=False)
+        result = []
+        for prefix, out in zip(prefixes, outputs):
+            samples = []
+            for j, o in enumerate(out.outputs):
+                ids = list(o.token_ids)
+                pieces = split_steps(ids, delimiter, self._decode)
+                confs = token_confidences(o.logprobs, self.confidence_top_k) \
+                    if params.confidence else []
+                finished = _ended_by_eos(o)
+                steps, start = [], 0
+                for k, piece in enumerate(pieces):
+                    usage = self._usage(prefix, out) if (j == 0 and k == 0) else (0, 0)
+                    conf = _mean(confs[start:start + len(piece)]) if params.confidence else None
+                    last = k == len(pieces) - 1
+                    steps.append(Step(tuple(piece), self._decode(piece), finished and last,
+                                      prompt_tokens=usage[0], cached_prompt_tokens=usage[1],
+                                      mean_confidence=conf))
+                    start += len(piece)
+                samples.append(tuple(steps))
+            result.append(samples)
+        return result
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _delimiter(self, params: StepParams) -> Delimiter:
+        if params.step_delimiter is None or params.step_delimiter == self.default_delimiter.text:
+            return self.default_delimiter
+        return resolve_delimiter(self.tokenizer, params.step_delimiter)
+
+    def sampling_params(self, prefix: Sequence[int], n: int, params: StepParams,
+                        delimiter: Delimiter, stop_at_delimiter: bool):
+        from vllm import SamplingParams
+
+        kwargs: dict[str, Any] = dict(
+            n=n, temperature=params.temperature, top_p=params.top_p,
+            max_tokens=params.max_tokens, include_stop_str_in_output=True,
+            skip_special_tokens=True,
+        )
+        if stop_at_delimiter:
+            if delimiter.token_id is not None:
+                kwargs["stop_token_ids"] = [delimiter.token_id]
+            else:
+                kwargs["stop"] = [delimiter.text]
+        if params.confidence:
+            kwargs["logprobs"] = self.confidence_top_k
+        if self.seed is not None:
+            kwargs["seed"] = request_seed(self.seed, prefix)
+        return SamplingParams(**kwargs)
+
+    def _generate(self, prefixes, n, params, delimiter, stop_at_delimiter):
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if not prefixes:
+            return []
+        prompts = [{"prompt_token_ids": list(p)} for p in prefixes]
+        sps = [self.sampling_params(p, n, params, delimiter, stop_at_delimiter) for p in prefixes]
+        outputs = self.llm.generate(prompts, sps, use_tqdm=False)
+        if len(outputs) != len(prefixes) or any(len(o.outputs) != n for o in outputs):
+            raise RuntimeError("engine returned a different number of outputs than requested")
+        return outputs
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @staticmethod
+    def _usage(prefix: Sequence[int], out) -> tuple[int, int]:
+        return len(prefix), int(getattr(out, "num_cached_tokens", 0) or 0)
+
+
+def _ended_by_eos(o) -> bool:
+    """Finished = stopped by EOS: a stop without a stop reason (a delimiter stop carries the
+    token id or string as stop_reason; a length cut has finish_reason "length")."""
+    return o.finish_reason == "stop" and o.stop_reason is None
