@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 EFFORT_LEVELS = ("none", "low", "medium", "high")
@@ -56,11 +57,20 @@ def load_effort_tables(source: str | None = None) -> dict[str, dict[str, int]]:
     """Built-in tables overlaid with `source` (a JSON file path or inline JSON; defaults to
     the TTC_VLLM_EFFORT_TABLE env var). A partial entry inherits missing levels from
     the built-in entry of the same key, or from "default"."""
-    tables = {k: dict(v) for k, v in BUILTIN_EFFORT_TABLES.items()}
     source = source if source is not None else os.environ.get(EFFORT_TABLE_ENV)
     if not source:
-        return tables
-    text = source if source.lstrip().startswith("{") else Path(source).read_text()
+        return {k: dict(v) for k, v in BUILTIN_EFFORT_TABLES.items()}
+    inline = source.lstrip().startswith("{")
+    st = None if inline else Path(source).stat()
+    version = (st.st_mtime_ns, st.st_size, st.st_ino) if st else ()
+    return {k: dict(v) for k, v in _parse_tables(source, inline, version).items()}
+
+
+@lru_cache(maxsize=8)
+def _parse_tables(source: str, inline: bool, version: tuple) -> dict[str, dict[str, int]]:
+    """Parsed once per source (and file version): resolved for every admitted request."""
+    tables = {k: dict(v) for k, v in BUILTIN_EFFORT_TABLES.items()}
+    text = source if inline else Path(source).read_text()
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

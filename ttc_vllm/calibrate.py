@@ -17,6 +17,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,22 @@ def calibration_path(path: str | os.PathLike | None = None) -> Path | None:
 
 
 def load_calibration(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
-    """Entries of the calibration file ({} when no file is configured)."""
+    """Entries of the calibration file ({} when no file is configured). Parsed once per
+    file version: admission checks every request against it."""
     p = calibration_path(path)
     if p is None:
         return {}
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ValueError(f"calibration file {p} ({CALIBRATION_ENV}) does not exist") from None
+    version = (st.st_mtime_ns, st.st_size, st.st_ino)
+    return {k: dict(v) for k, v in _parse_calibration(str(p), version).items()}
+
+
+@lru_cache(maxsize=8)
+def _parse_calibration(path: str, version: tuple) -> dict[str, dict[str, Any]]:
+    p = Path(path)
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:

@@ -156,7 +156,7 @@ class ThinkingController:
         self.windows = H.SignalWindows(n, window, self.device)
         # Host-side bookkeeping only (no device reads): which optional work a step needs.
         self._active: set[int] = set()
-        self._halting: set[int] = set()
+        self._halting: dict[int, int] = {}     # slot -> signal code
         self._min_think: set[int] = set()
 
     # ---- admission / removal (host, once per request) ---------------------------------
@@ -204,7 +204,10 @@ class ThinkingController:
         self.seqs[slot] = seq_rows.to(self.device)
         self.suppress[slot] = sup_row.to(self.device)
         self._active.add(slot)
-        (self._halting.add if h is not None else self._halting.discard)(slot)
+        if h is not None:
+            self._halting[slot] = h.signal
+        else:
+            self._halting.pop(slot, None)
         (self._min_think.add if p.min_think > 0 else self._min_think.discard)(slot)
 
     def init_from_history(self, slots: torch.Tensor, history: torch.Tensor,
@@ -230,7 +233,7 @@ class ThinkingController:
         rec = self.record(slot)
         self.ints[slot, C_PHASE] = PHASE_INACTIVE
         self._active.discard(slot)
-        self._halting.discard(slot)
+        self._halting.pop(slot, None)
         self._min_think.discard(slot)
         return rec
 
@@ -308,7 +311,10 @@ class ThinkingController:
         trig = torch.zeros_like(budget_hit)
         if self._halting:
             sig = st[:, C_SIGNAL]
-            raw = H.raw_signal(sub, sig, st[:, C_HTOPK].clamp(1, H.MAX_TOP_K))
+            codes = set(self._halting.values())
+            raw = H.raw_signal(sub, sig, st[:, C_HTOPK].clamp(1, H.MAX_TOP_K),
+                               need_confidence=bool(codes - {H.SIGNAL_ENTROPY}),
+                               need_entropy=H.SIGNAL_ENTROPY in codes)
             self.floats[s, F_PENDING] = raw.float()
             f, fvalid = self.windows.value(s)
             eligible = (free & h_on & ~budget_hit & (count1 >= st[:, C_HMIN])

@@ -52,32 +52,42 @@ def aggregate_code(name: str) -> int:
 
 # ---- per-token signals on a batch of logits [B, V] --------------------------------------
 
-def token_confidence(logits: torch.Tensor, top_k: int | torch.Tensor = MAX_TOP_K) -> torch.Tensor:
+def token_confidence(logits: torch.Tensor, top_k: int | torch.Tensor = MAX_TOP_K,
+                     lse: torch.Tensor | None = None) -> torch.Tensor:
     """C = -mean of the top-k log-probs of each row ([B]); k may differ per row ([B] tensor).
     Masked tokens (-inf) are left out of the mean, so a row with fewer than k allowed tokens
-    averages the allowed ones."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    k_max = min(MAX_TOP_K, logp.shape[-1]) if isinstance(top_k, torch.Tensor) else min(top_k, logp.shape[-1])
-    top = logp.topk(k_max, dim=-1).values                      # [B, k_max], descending
-    ks = (top_k if isinstance(top_k, torch.Tensor)
-          else torch.full((logp.shape[0],), k_max, device=logp.device))
-    take = torch.arange(k_max, device=logp.device)[None, :] < ks.to(logp.device)[:, None]
+    averages the allowed ones. Top-k log-probs are the top-k logits minus logsumexp: no
+    [B, V] log-softmax is materialised."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1) if lse is None else lse
+    k_max = min(MAX_TOP_K if isinstance(top_k, torch.Tensor) else top_k, x.shape[-1])
+    top = x.topk(k_max, dim=-1).values - lse[:, None]            # [B, k_max], descending
+    ks = (top_k.to(x.device) if isinstance(top_k, torch.Tensor)
+          else torch.full((x.shape[0],), k_max, device=x.device))
+    take = torch.arange(k_max, device=x.device)[None, :] < ks[:, None]
     take &= torch.isfinite(top)
     total = torch.where(take, top, torch.zeros_like(top)).sum(-1)
     return -total / take.sum(-1).clamp(min=1)
 
 
-def neg_entropy(logits: torch.Tensor) -> torch.Tensor:
+def neg_entropy(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
     """-H = sum p log p of each row ([B], <= 0; 0 for a one-hot distribution)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    return torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1) if lse is None else lse
+    p = torch.exp(x - lse[:, None])
+    # sum p (x - lse) = sum p x - lse; masked tokens (p = 0, x = -inf) contribute 0
+    return (p * torch.where(p > 0, x, torch.zeros_like(x))).sum(-1) - lse
 
 
-def raw_signal(logits: torch.Tensor, signal: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """r_t per row for per-row signal codes ([B]): -H for entropy rows, C otherwise."""
-    conf = token_confidence(logits, top_k)
-    return torch.where(signal == SIGNAL_ENTROPY, neg_entropy(logits), conf)
+def raw_signal(logits: torch.Tensor, signal: torch.Tensor, top_k: torch.Tensor,
+               need_confidence: bool = True, need_entropy: bool = True) -> torch.Tensor:
+    """r_t per row for per-row signal codes ([B]): -H for entropy rows, C otherwise.
+    The need_* flags (host-known) skip a signal no row uses."""
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    zero = torch.zeros_like(lse)
+    conf = token_confidence(logits, top_k, lse) if need_confidence else zero
+    ent = neg_entropy(logits, lse) if need_entropy else zero
+    return torch.where(signal == SIGNAL_ENTROPY, ent, conf)
 
 
 def halt_decision(f: torch.Tensor, valid: torch.Tensor, tau: torch.Tensor,
