@@ -92,7 +92,7 @@ class TTCLogitsProcessorV1(LogitsProcessor):
         all_rows = self._rows == list(range(batch_update.batch_size))
         self._rows_t = None if all_rows else self._to_device(self._rows)
 
-    def _to_device(self, values: list[int]) -> torch.Tensor:
+    def _to_device(self, values: list) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.long, pin_memory=self.pin_memory)
         return t.to(self.device, non_blocking=True)
 
@@ -101,7 +101,6 @@ class TTCLogitsProcessorV1(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self._rows:
             return logits
-        outs = self._outs
-        last = self._to_device([o[-1] if o else -1 for o in outs])
-        lens = self._to_device([len(o) for o in outs])
-        return self.ctrl.step(logits, self._slots_t, last, lens, rows=self._rows_t)
+        # The one per-row Python loop: (last token, length) of each live output list.
+        seen = self._to_device([(o[-1] if o else -1, len(o)) for o in self._outs])
+        return self.ctrl.step(logits, self._slots_t, seen[:, 0], seen[:, 1], rows=self._rows_t)

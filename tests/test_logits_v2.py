@@ -216,3 +216,22 @@ def test_validate_params_rejects_bad_options_naming_field():
         TTCLogitsProcessorV2.validate_params(sp({"halting": {"threshold": -1}}))
     TTCLogitsProcessor.validate_params(sp({"max_think": 5}))
     TTCLogitsProcessor.validate_params(sp(None))
+
+
+def test_draft_rows_and_padding_rows_are_left_alone():
+    r = FakeRunner(context=context())
+    r.add(1, prompt_ids(), sp({"max_think": 0, "conclusion": None}))
+    r.proc.apply_staged_writes()
+    # rows: slot 1 (local pos 0), a draft row of slot 1 (local pos 1), a padding row (-1)
+    mapping = torch.tensor([1, 1, -1], dtype=torch.int32)
+    ctx = LogitsContext(
+        expanded_idx_mapping=mapping, idx_mapping=torch.tensor([1], dtype=torch.int32),
+        idx_mapping_np=np.array([1], dtype=np.int32),
+        expanded_local_pos=torch.tensor([0, 1, 0], dtype=torch.int32),
+        input_ids=torch.zeros(3, dtype=torch.int32), pos=torch.zeros(3, dtype=torch.int32),
+        seq_lens_upper_bound_np=np.zeros(1, dtype=np.int32))
+    logits = torch.randn(3, V)
+    before = logits.clone()
+    r.proc.apply(logits, ctx)
+    assert int(logits[0].argmax()) == END and torch.isinf(logits[0]).sum() == V - 1
+    assert torch.equal(logits[1:], before[1:])

@@ -21,6 +21,7 @@ def test_defaults_and_roundtrip_through_extra_args():
 def test_from_extra_args_accepts_dict_and_json_and_absence():
     assert TTCOptions.from_extra_args(None) is None
     assert TTCOptions.from_extra_args({"other": 1}) is None
+    assert TTCOptions.from_extra_args({"ttc": None}) is None
     assert TTCOptions.from_extra_args({"ttc": {"max_think": 5}}).max_think == 5
     assert TTCOptions.from_extra_args({"ttc": '{"max_think": 7}'}).max_think == 7
 

@@ -132,9 +132,9 @@ class TTCOptions(BaseModel):
         """The options in `extra_args["ttc"]` (dict or JSON string), None if absent.
 
         Raises ValueError naming the offending field as `ttc.<field>`."""
-        if not extra_args or EXTRA_ARGS_KEY not in extra_args:
+        raw = extra_args.get(EXTRA_ARGS_KEY) if extra_args else None
+        if raw is None:
             return None
-        raw = extra_args[EXTRA_ARGS_KEY]
         if isinstance(raw, str):
             try:
                 raw = json.loads(raw)
