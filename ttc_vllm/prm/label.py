@@ -1,0 +1,283 @@
+"""Monte-Carlo step labels for PRM training (Math-Shepherd style).
+
+For sampled traces of training problems, the label of step k is the fraction of `k`
+rollouts from the prefix (prompt + steps 0..k) that reach the right answer. Two generator
+rounds, each ONE call: (1) `traces_per_problem` full traces per problem, (2) `rollouts`
+completions of every distinct step prefix. Prompts are token ids, so with prefix caching the
+rollouts of a prefix share its KV blocks and only the new tokens are computed. The final
+(answer) step needs no rollouts: its label is whether the answer is right.
+
+Generic over the task (`LabelTask`); the testbed task is below, and `prm_data_main` is the
+`ttc-vllm job prm-data` entry point on the testbed policy.
+
+Output: JSONL, one row per (trace, step):
+  problem, trace_id, step_index, num_steps, prompt_token_ids, step_token_ids (steps 0..k),
+  step_text, final, mc_value, correct_rollouts, rollouts, trace_correct,
+  exact_prefix_correct (testbed extra, else null: every step so far is right arithmetic on
+  the problem's own terms, and a final answer equals the sum -- ground truth for AUC).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from ttc_vllm.search.protocols import Completion, StepGenerator, StepParams
+from ttc_vllm.testbed import task as tb
+
+
+class LabelTask(Protocol):
+    """What the labeller needs to know about a task's problems."""
+
+    def prompt_ids(self, problem: Any) -> list[int]: ...
+
+    def is_correct(self, problem: Any, completion_text: str) -> bool: ...
+
+    def record(self, problem: Any) -> dict[str, Any]:
+        """The problem as JSON (written on every row)."""
+        ...
+
+    def exact_prefix_correct(self, problem: Any, step_texts: Sequence[str]) -> bool | None:
+        """Ground truth of a prefix when the task can check steps exactly; else None."""
+        ...
+
+
+async def mc_label(generator: StepGenerator, task: LabelTask, problems: Sequence[Any],
+                   traces_per_problem: int, rollouts: int, params: StepParams,
+                   stats: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Label every step of `traces_per_problem` sampled traces per problem (see module doc).
+    Traces cut by `params.max_tokens` before finishing are dropped (counted in stats)."""
+    if traces_per_problem < 1 or rollouts < 1:
+        raise ValueError("traces_per_problem and rollouts must be >= 1")
+    stats = stats if stats is not None else {}
+    prompts = [tuple(task.prompt_ids(p)) for p in problems]
+    t0 = time.perf_counter()
+    sampled = await generator.complete(prompts, traces_per_problem, params)
+    stats["sample_seconds"] = round(time.perf_counter() - t0, 2)
+
+    traces: list[tuple[int, Completion]] = []  # (problem index, steps)
+    dropped = 0
+    for i, samples in enumerate(sampled):
+        for steps in samples:
+            if steps and steps[-1].finished:
+                traces.append((i, steps))
+            else:
+                dropped += 1
+
+    # Every distinct non-final step prefix, rolled out once: prefix -> problem index.
+    problem_of_prefix: dict[tuple[int, ...], int] = {}
+    for i, steps in traces:
+        ids = list(prompts[i])
+        for step in steps[:-1]:
+            ids.extend(step.token_ids)
+            problem_of_prefix.setdefault(tuple(ids), i)
+    prefixes = list(problem_of_prefix)
+    row_of_prefix = {p: j for j, p in enumerate(prefixes)}
+
+    t0 = time.perf_counter()
+    outs = await generator.complete(prefixes, rollouts, params) if prefixes else []
+    stats["rollout_seconds"] = round(time.perf_counter() - t0, 2)
+    wins = []
+    for prefix, samples in zip(prefixes, outs):
+        problem = problems[problem_of_prefix[prefix]]
+        wins.append(sum(task.is_correct(problem, "".join(s.text for s in c)) for c in samples))
+
+    rows = []
+    for trace_id, (i, steps) in enumerate(traces):
+        problem = problems[i]
+        texts = [s.text for s in steps]
+        trace_correct = task.is_correct(problem, "".join(texts))
+        ids = list(prompts[i])
+        for k, step in enumerate(steps):
+            ids.extend(step.token_ids)
+            final = k == len(steps) - 1
+            if final:
+                correct, n = int(trace_correct), 1
+            else:
+                correct, n = wins[row_of_prefix[tuple(ids)]], rollouts
+            rows.append({
+                "problem": task.record(problem),
+                "trace_id": trace_id,
+                "step_index": k,
+                "num_steps": len(steps),
+                "prompt_token_ids": list(prompts[i]),
+                "step_token_ids": [list(s.token_ids) for s in steps[: k + 1]],
+                "step_text": step.text,
+                "final": final,
+                "mc_value": correct / n,
+                "correct_rollouts": correct,
+                "rollouts": n,
+                "trace_correct": trace_correct,
+                "exact_prefix_correct": task.exact_prefix_correct(problem, texts[: k + 1]),
+            })
+    stats.update(problems=len(problems), traces=len(traces), dropped_traces=dropped,
+                 prefixes=len(prefixes), rows=len(rows))
+    return rows
+
+
+# -- the testbed task ------------------------------------------------------------------------
+
+_STEP_RE = re.compile(r"^(check )?(-?\d+)\+(-?\d+)=(-?\d+)$")
+
+
+def testbed_prefix_correct(problem: tb.Problem, step_texts: Sequence[str]) -> bool:
+    """Every step so far is right: additions use the problem's terms (each once; after the
+    first step the left operand is the running total) and add up; "check" lines restate a
+    right addition; an answer step states the sum. Anything unparsable is wrong."""
+    remaining = Counter(problem.terms)
+    acc: int | None = None
+
+    def take(term: int) -> bool:
+        if remaining[term] <= 0:
+            return False
+        remaining[term] -= 1
+        return True
+
+    for text in step_texts:
+        if tb.THINK_END in text or tb.ANSWER_PREFIX in text:
+            if tb.extract_answer(text) != problem.answer:
+                return False
+            continue
+        line = text.replace(tb.STEP_TAG, "").strip("\n")
+        m = _STEP_RE.match(line)
+        if not m:
+            return False
+        check, a, b, c = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))
+        if a + b != c:
+            return False
+        if check:
+            continue
+        if acc is None:
+            if not (take(a) and take(b)):
+                return False
+        elif not (a == acc and take(b)):
+            return False
+        acc = c
+    return True
+
+
+class TestbedLabelTask:
+    """The testbed's sums, in the testbed tokenizer's token ids."""
+
+    def __init__(self, tokenizer=None):
+        if tokenizer is None:
+            from ttc_vllm.testbed.tokenizer import build_tokenizer
+
+            tokenizer = build_tokenizer()
+        self.tokenizer = tokenizer
+
+    def prompt_ids(self, problem: tb.Problem) -> list[int]:
+        return self.tokenizer.encode(tb.prompt(problem), add_special_tokens=False)
+
+    def is_correct(self, problem: tb.Problem, completion_text: str) -> bool:
+        return tb.is_correct(problem, completion_text)
+
+    def record(self, problem: tb.Problem) -> dict[str, Any]:
+        return {"terms": list(problem.terms), "answer": problem.answer, "tier": problem.tier}
+
+    def exact_prefix_correct(self, problem: tb.Problem, step_texts: Sequence[str]) -> bool:
+        return testbed_prefix_correct(problem, step_texts)
+
+
+def training_problems(tiers: dict[str, int], seed: int) -> list[tb.Problem]:
+    """`tiers[name]` problems of each tier from a seed stream disjoint from evaluation's
+    (the tier generator is keyed by "tier:seed"; these use "prm:tier:seed")."""
+    problems = []
+    for name, count in tiers.items():
+        spec = tb.tier(name)
+        rng = random.Random(f"prm:{name}:{seed}")
+        problems.extend(tb.sample_problem(rng, spec) for _ in range(count))
+    return problems
+
+
+def parse_tiers(text: str) -> dict[str, int]:
+    """"easy:50,medium:100" -> {"easy": 50, "medium": 100}."""
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        name, _, count = part.strip().partition(":")
+        tb.tier(name)  # ValueError naming the tier
+        try:
+            n = int(count)
+        except ValueError:
+            raise ValueError(f"--tiers: expected name:count, got {part!r}") from None
+        if n < 1:
+            raise ValueError(f"--tiers: count of {name!r} must be positive, got {n}")
+        out[name] = n
+    return out
+
+
+def write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, separators=(",", ":")) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    nonfinal = [r for r in rows if not r["final"]]
+    exact = [r for r in rows if r["exact_prefix_correct"] is not None]
+    traces = {r["trace_id"]: r["trace_correct"] for r in rows}
+    return {
+        "rows": len(rows),
+        "traces": len(traces),
+        "trace_accuracy": round(sum(traces.values()) / max(1, len(traces)), 4),
+        "mean_mc_value_nonfinal": round(sum(r["mc_value"] for r in nonfinal) / max(1, len(nonfinal)), 4),
+        "exact_prefix_correct_share": round(sum(bool(r["exact_prefix_correct"]) for r in exact)
+                                            / max(1, len(exact)), 4),
+    }
+
+
+def prm_data_main(argv: list[str] | None = None) -> dict[str, Any]:
+    """`ttc-vllm job prm-data`: MC-label sampled testbed traces with the policy in vLLM."""
+    ap = argparse.ArgumentParser(prog="ttc-vllm job prm-data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    ap.add_argument("--policy", default=None, help="policy model dir (default: shipped testbed policy)")
+    ap.add_argument("--tiers", default="easy:40,medium:80,hard:80",
+                    help="problems per tier, name:count,...")
+    ap.add_argument("--traces-per-problem", type=int, default=4)
+    ap.add_argument("--rollouts", type=int, default=8, help="k rollouts per step prefix")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-tokens", type=int, default=256, help="per trace / rollout")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+
+    from ttc_vllm.engine import make_llm
+    from ttc_vllm.engine_offline import OfflineStepGenerator
+
+    problems = training_problems(parse_tiers(a.tiers), a.seed)
+    t0 = time.perf_counter()
+    llm = make_llm(a.policy, max_num_seqs=256, seed=a.seed)
+    load_s = time.perf_counter() - t0
+    generator = OfflineStepGenerator(llm, step_delimiter=tb.STEP_TAG, seed=a.seed)
+    params = StepParams(temperature=a.temperature, max_tokens=a.max_tokens)
+    stats: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    rows = asyncio.run(mc_label(generator, TestbedLabelTask(llm.get_tokenizer()), problems,
+                                a.traces_per_problem, a.rollouts, params, stats))
+    label_s = time.perf_counter() - t0
+    write_jsonl(rows, a.out)
+    record = {"command": "prm-data " + " ".join(argv or []), "args": {k: str(v) for k, v in vars(a).items()},
+              "engine_load_seconds": round(load_s, 1), "label_seconds": round(label_s, 1),
+              **stats, **summarize(rows)}
+    a.out.with_suffix(".summary.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps(record))
+    generator.close()
+    return record
+
+
+if __name__ == "__main__":
+    import sys
+
+    prm_data_main(sys.argv[1:])
