@@ -1,0 +1,69 @@
+"""Testbed PRM trainer: AUC, regrouping label rows, the loss, the split, the saved format."""
+import json
+import math
+
+import pytest
+import torch
+
+from ttc_vllm.prm.scorers import token_ids_input
+from ttc_vllm.testbed.train_prm import (
+    collate, evaluate, held_out, roc_auc, soft_step_loss, traces_from_rows,
+)
+
+
+def test_roc_auc_hand_computed():
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert roc_auc([1, 2, 3], [0, 1, 1]) == 1.0
+    assert roc_auc([3, 2, 1], [0, 1, 1]) == 0.0
+    assert roc_auc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5  # ties count half
+    assert roc_auc([0.2, 0.5, 0.5], [0, 1, 0]) == pytest.approx(0.75)
+    assert roc_auc([0.1, 0.2], [1, 1]) is None
+
+
+def test_soft_step_loss():
+    logits = torch.tensor([[0.0, 0.0], [0.0, math.log(3)]])
+    # targets 1 and 0.25: -(log .5) and -(.25 log .75 + .75 log .25)
+    want = (math.log(2) - (0.25 * math.log(0.75) + 0.75 * math.log(0.25))) / 2
+    assert soft_step_loss(logits, torch.tensor([1.0, 0.25])).item() == pytest.approx(want)
+
+
+def rows_of(trace_id, steps, mc, exact, problem=(1, 2)):
+    prompt = [1, 50, 51]
+    return [{"trace_id": trace_id, "step_index": k, "prompt_token_ids": prompt,
+             "step_token_ids": steps[: k + 1], "step_text": f"s{k}", "final": k == len(steps) - 1,
+             "mc_value": mc[k], "exact_prefix_correct": exact[k],
+             "problem": {"terms": list(problem)}} for k in range(len(steps))]
+
+
+def test_traces_from_rows_regroups_in_step_order():
+    rows = rows_of(7, [[60, 5], [61, 5], [62, 2]], [0.5, 0.25, 0.0], [True, False, False])
+    rows += rows_of(3, [[70, 5]], [1.0], [True], problem=(3, 4))
+    data = traces_from_rows(list(reversed(rows)))
+    assert [len(d.trace.steps) for d in data] == [1, 3]  # sorted by trace id
+    d = data[1]
+    assert d.trace.token_ids == (1, 50, 51, 60, 5, 61, 5, 62, 2)
+    assert d.mc_values == [0.5, 0.25, 0.0] and d.exact == [True, False, False]
+    assert [s.finished for s in d.trace.steps] == [False, False, True]
+    x = token_ids_input(d.trace, tag_id=5, eos_id=2)  # final EOS replaced by the tag
+    assert x.token_ids[-1] == 5 and x.step_positions == [4, 6, 8]
+    ids, mask, r, c = collate([x, token_ids_input(data[0].trace, 5, 2)], pad_id=0)
+    assert ids.shape == (2, 9) and mask[1].tolist() == [1] * 5 + [0] * 4
+    assert r.tolist() == [0, 0, 0, 1] and c.tolist() == [4, 6, 8, 4]
+    with pytest.raises(ValueError, match="step rows"):
+        traces_from_rows(rows[:1] + rows[2:3])
+
+
+def test_evaluate_uses_exact_and_mc_labels():
+    data = traces_from_rows(rows_of(0, [[60, 5], [61, 5], [62, 2]], [0.9, 0.4, 0.0],
+                                    [True, True, False]))
+    m = evaluate([[0.8, 0.6, 0.1]], data)
+    assert m["auc_exact"] == 1.0 and m["auc_mc"] == 1.0 and m["positives_exact"] == 2
+    m = evaluate([[0.8, 0.05, 0.1]], data)
+    assert m["auc_exact"] == 0.5 and m["auc_mc"] == 1.0
+
+
+def test_held_out_is_a_stable_problem_split():
+    keys = [json.dumps({"terms": [i, i + 1]}) for i in range(2000)]
+    share = sum(held_out(k, 0.15, 0) for k in keys) / len(keys)
+    assert 0.12 < share < 0.18
+    assert [held_out(k, 0.15, 0) for k in keys[:50]] == [held_out(k, 0.15, 0) for k in keys[:50]]

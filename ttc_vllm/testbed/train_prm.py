@@ -1,0 +1,315 @@
+"""Train the testbed PRM: a `Qwen2ForProcessRewardModel` on Monte-Carlo step labels.
+
+    python -m ttc_vllm.testbed.train_prm --labels LABELS.jsonl --policy POLICY_DIR --out DIR
+        [--minutes M] [--epochs E] [--seed S] [--no-verify]
+
+The backbone starts from the trained policy's transformer (it already reads the task); the
+score head is vLLM's: Linear(h, h) -> ReLU -> Linear(h, 2), both with bias (vLLM's
+ColumnParallelLinear / RowParallelLinear default to bias=True). Loss: soft-label cross
+entropy at the tag closing each step, target [1 - mc_value, mc_value] (column 1 = good).
+Inputs are built by the scorer's own `token_ids_input`, so training and serving see the same
+tokens (a final step's EOS replaced by the tag).
+
+Held-out problems (a hash split) give the step-level AUC against `exact_prefix_correct`
+(the testbed's exact ground truth) and against `mc_value > 0.5`. The saved directory loads
+in `vllm.LLM(path, runner="pooling")`; with verification on, vLLM's scores of held-out traces
+are compared with this module's torch forward. Everything lands in DIR/training.json.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from ttc_vllm.prm.label import read_jsonl
+from ttc_vllm.prm.scorers import token_ids_input
+from ttc_vllm.search.protocols import Step, Trace
+from ttc_vllm.testbed.task import STEP_TAG
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+@dataclass
+class LabelledTrace:
+    trace: Trace
+    mc_values: list[float]  # per step
+    exact: list[bool | None]  # per step
+    problem_key: str
+
+
+def traces_from_rows(rows: Sequence[dict[str, Any]]) -> list[LabelledTrace]:
+    """Regroup the labeller's per-step rows into traces (the longest prefix of each
+    trace_id holds all its steps)."""
+    by_trace: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_trace.setdefault(row["trace_id"], []).append(row)
+    out = []
+    for trace_id in sorted(by_trace):
+        group = sorted(by_trace[trace_id], key=lambda r: r["step_index"])
+        if [r["step_index"] for r in group] != list(range(len(group))):
+            raise ValueError(f"trace {trace_id}: step rows are not 0..{len(group) - 1}")
+        last = group[-1]
+        steps = tuple(Step(tuple(ids), r["step_text"], finished=r["final"])
+                      for ids, r in zip(last["step_token_ids"], group))
+        out.append(LabelledTrace(
+            Trace(tuple(last["prompt_token_ids"]), steps),
+            [float(r["mc_value"]) for r in group],
+            [r["exact_prefix_correct"] for r in group],
+            json.dumps(last["problem"], sort_keys=True),
+        ))
+    return out
+
+
+def held_out(problem_key: str, share: float, seed: int) -> bool:
+    h = hashlib.sha1(f"{seed}:{problem_key}".encode()).digest()
+    return int.from_bytes(h[:4], "little") / 2**32 < share
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U with tied scores counted half); None when
+    one class is missing."""
+    pos = sum(1 for y in labels if y)
+    neg = len(labels) - pos
+    if pos == 0 or neg == 0:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    rank_sum, i = 0.0, 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        avg_rank = (i + j) / 2 + 1
+        rank_sum += sum(avg_rank for k in range(i, j + 1) if labels[order[k]])
+        i = j + 1
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def soft_step_loss(logits, targets):
+    """Mean soft-label cross entropy over steps: logits [S, 2], targets [S] = P(good)."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(targets * logp[:, 1] + (1 - targets) * logp[:, 0]).mean()
+
+
+def build_model(policy_dir: Path):
+    """A Qwen2 PRM in torch: the policy's transformer + vLLM's score head."""
+    import torch
+    from torch import nn
+    from transformers import Qwen2ForCausalLM
+
+    policy = Qwen2ForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
+    config = policy.config
+    h = config.hidden_size
+
+    class Qwen2PRM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = policy.model
+            self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2))
+
+        def forward(self, input_ids, attention_mask=None):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.score(hidden)
+
+    return Qwen2PRM(), config
+
+
+def batches(items: list, size: int, rng: random.Random | None):
+    order = list(range(len(items)))
+    if rng is not None:
+        rng.shuffle(order)
+    for i in range(0, len(order), size):
+        yield [items[j] for j in order[i: i + size]]
+
+
+def collate(inputs, pad_id: int):
+    """Right-padded ids and mask, plus (row, position) of every step tag."""
+    import torch
+
+    width = max(len(x.token_ids) for x in inputs)
+    ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(inputs), width), dtype=torch.long)
+    rows, cols = [], []
+    for b, x in enumerate(inputs):
+        ids[b, : len(x.token_ids)] = torch.tensor(x.token_ids)
+        mask[b, : len(x.token_ids)] = 1
+        rows.extend([b] * len(x.step_positions))
+        cols.extend(x.step_positions)
+    return ids, mask, torch.tensor(rows), torch.tensor(cols)
+
+
+def predict(model, inputs, pad_id: int, batch: int = 64) -> list[list[float]]:
+    """P(good) per step of each input, with the torch model."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for chunk in batches(inputs, batch, None):
+            ids, mask, rows, cols = collate(chunk, pad_id)
+            probs = torch.softmax(model(ids, mask)[rows, cols].float(), dim=-1)[:, 1].tolist()
+            k = 0
+            for x in chunk:
+                out.append(probs[k: k + len(x.step_positions)])
+                k += len(x.step_positions)
+    return out
+
+
+def evaluate(scores: list[list[float]], data: list[LabelledTrace]) -> dict[str, Any]:
+    flat_s, exact, mc, nonfinal_s, nonfinal_exact = [], [], [], [], []
+    for s, d in zip(scores, data):
+        for k, (p, e, m) in enumerate(zip(s, d.exact, d.mc_values)):
+            flat_s.append(p)
+            exact.append(bool(e))
+            mc.append(m > 0.5)
+            if k < len(s) - 1:
+                nonfinal_s.append(p)
+                nonfinal_exact.append(bool(e))
+    auc_exact = roc_auc(flat_s, exact)
+    return {
+        "steps": len(flat_s),
+        "positives_exact": sum(exact),
+        "auc_exact": None if auc_exact is None else round(auc_exact, 4),
+        "auc_exact_nonfinal": _round(roc_auc(nonfinal_s, nonfinal_exact)),
+        "auc_mc": _round(roc_auc(flat_s, mc)),
+    }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def save(model, config, policy_dir: Path, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict()
+    cfg.update(architectures=["Qwen2ForProcessRewardModel"], num_labels=2,
+               id2label={"0": "bad", "1": "good"}, label2id={"bad": 0, "good": 1},
+               tie_word_embeddings=False, step_tag=STEP_TAG)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in TOKENIZER_FILES:
+        if (policy_dir / name).exists():
+            shutil.copy(policy_dir / name, out / name)
+
+
+def verify_in_vllm(out: Path, model, inputs, traces: list[Trace], pad_id: int) -> dict[str, Any]:
+    """Score traces with the saved PRM in vLLM and compare with the torch forward."""
+    from ttc_vllm.prm.scorers import PRMConfig, VLLMPoolingPRM
+
+    t0 = time.perf_counter()
+    scorer = VLLMPoolingPRM(PRMConfig.testbed(
+        model=str(out), engine_kwargs={"kv_cache_memory_bytes": 256 << 20, "max_model_len": 512}))
+    vllm_scores = scorer.score_sync(traces)
+    torch_scores = predict(model, inputs, pad_id)
+    diff = max(abs(a - b) for vs, ts in zip(vllm_scores, torch_scores) for a, b in zip(vs, ts))
+    same_shape = all(len(v) == len(t.steps) for v, t in zip(vllm_scores, traces))
+    scorer.llm.llm_engine.engine_core.shutdown()
+    return {"traces": len(traces), "max_abs_diff": round(diff, 6), "one_score_per_step": same_shape,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def train(labels: Path, policy_dir: Path, out: Path, epochs: int, minutes: float, batch: int,
+          lr: float, seed: int, threads: int, holdout: float, verify: bool) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = random.Random(f"prm:{seed}")
+    data = traces_from_rows(read_jsonl(labels))
+    model, config = build_model(policy_dir)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    tag_id, eos_id = _tag_and_eos(policy_dir)
+    inputs = [token_ids_input(d.trace, tag_id, eos_id) for d in data]
+    test_idx = [i for i, d in enumerate(data) if held_out(d.problem_key, holdout, seed)]
+    test_set = set(test_idx)
+    train_idx = [i for i in range(len(data)) if i not in test_set]
+    train_items = [(inputs[i], data[i].mc_values) for i in train_idx]
+
+    head = [p for n, p in model.named_parameters() if n.startswith("score.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("score.")]
+    opt = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": lr * 3}],
+                            weight_decay=0.01)
+    total_steps = epochs * math.ceil(len(train_items) / batch)
+    base = [g["lr"] for g in opt.param_groups]
+    t0, step, curve = time.time(), 0, []
+    for epoch in range(epochs):
+        model.train()
+        for chunk in batches(train_items, batch, rng):
+            if time.time() - t0 > minutes * 60:
+                break
+            frac = step / max(1, total_steps)
+            for g, b in zip(opt.param_groups, base):  # short warm-up, cosine decay
+                g["lr"] = b * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            ids, mask, rows, cols = collate([x for x, _ in chunk], pad_id)
+            targets = torch.tensor([m for _, ms in chunk for m in ms], dtype=torch.float32)
+            loss = soft_step_loss(model(ids, mask)[rows, cols], targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+        test_scores = predict(model, [inputs[i] for i in test_idx], pad_id)
+        metrics = evaluate(test_scores, [data[i] for i in test_idx])
+        curve.append({"epoch": epoch + 1, "step": step, "loss": round(loss.item(), 4),
+                      "seconds": round(time.time() - t0, 1), **metrics})
+        print(json.dumps(curve[-1]), flush=True)
+        if time.time() - t0 > minutes * 60:
+            break
+    train_s = time.time() - t0
+    save(model, config, policy_dir, out)
+    record: dict[str, Any] = {
+        "labels": str(labels), "policy": str(policy_dir), "seed": seed, "epochs_run": len(curve),
+        "steps": step, "batch": batch, "lr": lr, "seconds": round(train_s, 1),
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_traces": len(train_idx), "test_traces": len(test_idx),
+        "test": curve[-1] if curve else None, "curve": curve,
+    }
+    if verify:
+        k = test_idx[:16]
+        record["vllm_check"] = verify_in_vllm(out, model, [inputs[i] for i in k],
+                                              [data[i].trace for i in k], pad_id)
+    (out / "training.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _tag_and_eos(policy_dir: Path) -> tuple[int, int | None]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(policy_dir))
+    return int(tok.convert_tokens_to_ids(STEP_TAG)), tok.eos_token_id
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", type=Path, required=True, help="JSONL from `ttc-vllm job prm-data`")
+    ap.add_argument("--policy", type=Path, required=True, help="trained policy dir (backbone init)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--holdout", type=float, default=0.15, help="share of problems held out")
+    ap.add_argument("--no-verify", action="store_true", help="skip the vLLM load/score check")
+    a = ap.parse_args(argv)
+    rec = train(a.labels, a.policy, a.out, a.epochs, a.minutes, a.batch, a.lr, a.seed,
+                a.threads, a.holdout, not a.no_verify)
+    print(json.dumps({k: v for k, v in rec.items() if k != "curve"}))
+    return rec
+
+
+if __name__ == "__main__":
+    main()
