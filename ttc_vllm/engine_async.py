@@ -1,0 +1,233 @@
+"""The search StepGenerator over vLLM's async engine client (the `vllm serve` process's
+`app.state.engine_client`, or any `AsyncLLM`).
+
+Every prefix of a call becomes ONE engine request with `n` samples, submitted concurrently
+(`asyncio.gather`): the scheduler batches them, children of one request share the prefix's
+KV blocks, and a child's prompt is its parent's exact token ids, so with prefix caching
+only the new step is prefilled (each step reports the engine's `num_cached_tokens`).
+
+Step cutting, confidences and seeds follow `ttc_vllm.engine_offline` (same delimiter rules,
+same decoding), so offline and served search see identical steps.
+
+Limits: a trace never grows past `max_new_tokens` generated tokens (the request's
+max_tokens) nor past the model's context. A trace that reached either limit is *finished*
+(nothing may follow it) even though it did not end with EOS.
+
+Cancellation: every engine request is tracked from submission to its final output; a
+cancelled call (client disconnect) aborts the ones still running, and `abort_all()` aborts
+whatever is left, so the KV cache is released even if a consumer swallowed the error.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, Sequence
+
+from ttc_vllm.engine_offline import (
+    DEFAULT_CONFIDENCE_TOP_K, Delimiter, request_seed, resolve_delimiter, split_steps,
+    token_confidences,
+)
+from ttc_vllm.search.protocols import Completion, Step, StepParams
+
+
+class EngineClientStepGenerator:
+    """StepGenerator over an async engine client (`generate(prompt, sampling_params,
+    request_id, **kw)` async iterator, `abort(request_id)`).
+
+    `prompt_len`: length of the problem prompt (the root prefix); `max_new_tokens`: cap on
+    the tokens generated after it per trace (None: only the context limit);
+    `request_kwargs`: passed to every `generate` call (lora_request, priority, ...).
+    """
+
+    def __init__(self, engine_client, tokenizer, *, request_id: str, prompt_len: int,
+                 max_model_len: int, max_new_tokens: int | None = None,
+                 step_delimiter: str = "\n\n", seed: int | None = None,
+                 confidence_top_k: int = DEFAULT_CONFIDENCE_TOP_K,
+                 cache_salt: str | None = None,
+                 request_kwargs: dict[str, Any] | None = None):
+        if prompt_len < 1:
+            raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
+        if max_model_len <= prompt_len:
+            raise ValueError(f"the prompt ({prompt_len} tokens) leaves no room in the "
+                             f"model's context ({max_model_len})")
+        self.engine = engine_client
+        self.tokenizer = tokenizer
+        self.request_id = request_id
+        self.prompt_len = prompt_len
+        self.max_model_len = max_model_len
+        self.max_new_tokens = max_new_tokens
+        self.default_delimiter = resolve_delimiter(tokenizer, step_delimiter)
+        self.seed = seed
+        self.confidence_top_k = confidence_top_k
+        self.cache_salt = cache_salt
+        self.request_kwargs = dict(request_kwargs or {})
+        self._ids = itertools.count()
+        self.live: set[str] = set()  # submitted, final output not yet received
+        self.requests = 0  # engine requests submitted
+        self.aborted = 0  # engine requests aborted before finishing
+        self.root_cached_tokens: int | None = None  # prefix-cache hit of the first request
+
+    # -- protocol ---------------------------------------------------------------------------
+    async def generate_steps(self, prefixes: Sequence[Sequence[int]], n: int,
+                             params: StepParams) -> list[list[Step]]:
+        delimiter = self._delimiter(params)
+        outs = await self._generate_all(prefixes, n, params, delimiter, stop_at_delimiter=True)
+        result = []
+        for prefix, (out, room) in zip(prefixes, outs):
+            if out is None:
+                result.append([_exhausted_step() for _ in range(n)])
+                continue
+            samples = []
+            for j, o in enumerate(out.outputs):
+                ids = list(o.token_ids)
+                conf = _mean(token_confidences(o.logprobs, self.confidence_top_k)) \
+                    if params.confidence else None
+                usage = _usage(prefix, out) if j == 0 else (0, 0)
+                samples.append(Step(tuple(ids), self._decode(ids), _trace_ended(o, room, params),
+                                    prompt_tokens=usage[0], cached_prompt_tokens=usage[1],
+                                    mean_confidence=conf))
+            result.append(samples)
+        return result
+
+    async def complete(self, prefixes: Sequence[Sequence[int]], n: int,
+                       params: StepParams) -> list[list[Completion]]:
+        delimiter = self._delimiter(params)
+        outs = await self._generate_all(prefixes, n, params, delimiter, stop_at_delimiter=False)
+        result = []
+        for prefix, (out, room) in zip(prefixes, outs):
+            if out is None:
+                result.append([(_exhausted_step(),) for _ in range(n)])
+                continue
+            samples = []
+            for j, o in enumerate(out.outputs):
+                ids = list(o.token_ids)
+                pieces = split_steps(ids, delimiter, self._decode)
+                confs = token_confidences(o.logprobs, self.confidence_top_k) \
+                    if params.confidence else []
+                ended = _trace_ended(o, room, params)
+                steps, start = [], 0
+                for k, piece in enumerate(pieces):
+                    usage = _usage(prefix, out) if (j == 0 and k == 0) else (0, 0)
+                    conf = _mean(confs[start:start + len(piece)]) if params.confidence else None
+                    last = k == len(pieces) - 1
+                    steps.append(Step(tuple(piece), self._decode(piece), ended and last,
+                                      prompt_tokens=usage[0], cached_prompt_tokens=usage[1],
+                                      mean_confidence=conf))
+                    start += len(piece)
+                samples.append(tuple(steps))
+            result.append(samples)
+        return result
+
+    async def abort_all(self) -> None:
+        """Abort every engine request still running (idempotent)."""
+        if not self.live:
+            return
+        ids = sorted(self.live)
+        self.live.clear()
+        self.aborted += len(ids)
+        await self.engine.abort(ids)
+
+    # -- engine requests --------------------------------------------------------------------
+    def room(self, prefix: Sequence[int]) -> int:
+        """Tokens this prefix may still generate (request max_tokens, model context)."""
+        room = self.max_model_len - len(prefix)
+        if self.max_new_tokens is not None:
+            room = min(room, self.max_new_tokens - (len(prefix) - self.prompt_len))
+        return room
+
+    async def _generate_all(self, prefixes, n, params, delimiter, stop_at_delimiter):
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        calls = [self._generate_one(p, n, params, delimiter, stop_at_delimiter) for p in prefixes]
+        try:
+            return await asyncio.gather(*calls)
+        except BaseException:
+            # gather cancels the siblings on cancellation, but not on another sibling's
+            # error: make sure nothing keeps running (and holding KV blocks) either way.
+            await asyncio.shield(self.abort_all())
+            raise
+
+    async def _generate_one(self, prefix, n, params, delimiter, stop_at_delimiter):
+        room = self.room(prefix)
+        if room < 1:
+            return None, 0
+        sp = self.sampling_params(prefix, n, params, delimiter, stop_at_delimiter,
+                                  min(params.max_tokens, room))
+        rid = f"{self.request_id}-ttc{next(self._ids)}"
+        prompt: dict[str, Any] = {"type": "token", "prompt_token_ids": list(prefix)}
+        if self.cache_salt is not None:
+            prompt["cache_salt"] = self.cache_salt
+        self.live.add(rid)
+        self.requests += 1
+        final = None
+        try:
+            async for out in self.engine.generate(prompt, sp, rid, **self.request_kwargs):
+                final = out
+        finally:
+            # Cancelled mid-request: AsyncLLM aborts on GeneratorExit/CancelledError too;
+            # aborting an already-finished id is a no-op, so be explicit.
+            if rid in self.live:
+                self.live.discard(rid)
+                if final is None or not final.finished:
+                    self.aborted += 1
+                    await asyncio.shield(self.engine.abort(rid))
+        if final is None or len(final.outputs) != n:
+            raise RuntimeError(f"engine returned {0 if final is None else len(final.outputs)} "
+                               f"samples for n={n} (request {rid})")
+        for o in final.outputs:
+            if o.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"engine request {rid} ended with {o.finish_reason!r}")
+        if self.root_cached_tokens is None and len(prefix) == self.prompt_len:
+            self.root_cached_tokens = int(final.num_cached_tokens or 0)
+        return final, room
+
+    def sampling_params(self, prefix: Sequence[int], n: int, params: StepParams,
+                        delimiter: Delimiter, stop_at_delimiter: bool, max_tokens: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        kwargs: dict[str, Any] = dict(
+            n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=max_tokens,
+            include_stop_str_in_output=True, skip_special_tokens=True,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        if stop_at_delimiter:
+            if delimiter.token_id is not None:
+                kwargs["stop_token_ids"] = [delimiter.token_id]
+            else:
+                kwargs["stop"] = [delimiter.text]
+        if params.confidence:
+            kwargs["logprobs"] = self.confidence_top_k
+        if self.seed is not None:
+            kwargs["seed"] = request_seed(self.seed, prefix)
+        return SamplingParams(**kwargs)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _delimiter(self, params: StepParams) -> Delimiter:
+        if params.step_delimiter is None or params.step_delimiter == self.default_delimiter.text:
+            return self.default_delimiter
+        return resolve_delimiter(self.tokenizer, params.step_delimiter)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _usage(prefix: Sequence[int], out) -> tuple[int, int]:
+    return len(prefix), int(getattr(out, "num_cached_tokens", 0) or 0)
+
+
+def _trace_ended(o, room: int, params: StepParams) -> bool:
+    """EOS (a stop without a stop reason: delimiter stops carry the id or string), or a
+    length cut at the trace's limit rather than at the per-call max_tokens."""
+    if o.finish_reason == "stop":
+        return o.stop_reason is None
+    return room <= params.max_tokens
+
+
+def _exhausted_step() -> Step:
+    """What a prefix with no room left yields: an empty, finished step."""
+    return Step((), "", True)
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
