@@ -1,12 +1,10 @@
 """Thinking controls through a real vLLM engine on the testbed policy (V1 runner on CPU).
 
-Uses a session fixture `llm`; until tests/conftest.py provides the shared one, the
-module-level fixture below builds it. The checks hold for any weights (the random probe
+Uses the session fixture `llm` of tests/conftest.py. The checks hold for any weights (the random probe
 included): logit_bias pushes the model to end thinking early so the floors are exercised.
 """
 import json
 import random
-from pathlib import Path
 
 import pytest
 
@@ -15,27 +13,6 @@ from ttc_vllm.testbed.task import generate, prompt
 pytestmark = pytest.mark.engine
 
 CONCLUSION = "\nTime is up, concluding."
-
-
-def _policy_path() -> str:
-    from ttc_vllm.testbed import policy_path
-
-    for p in (policy_path(), Path("/tmp/train/policy"), Path("/tmp/policy_probe")):
-        if (Path(p) / "config.json").exists():
-            return str(p)
-    pytest.skip("no testbed policy checkpoint available")
-
-
-@pytest.fixture(scope="module")
-def llm():
-    """Temporary: the lead's tests/conftest.py will provide a session-wide `llm`."""
-    vllm = pytest.importorskip("vllm")
-    from ttc_vllm_plugins.logits import TTCLogitsProcessor
-
-    engine = vllm.LLM(model=_policy_path(), logits_processors=[TTCLogitsProcessor], enforce_eager=True,
-                      kv_cache_memory_bytes=512 * 2**20, block_size=32, max_model_len=512, seed=0)
-    yield engine
-    del engine
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from typing import Any
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "enforce_eager": True,
     "kv_cache_memory_bytes": 1 << 30,
-    "block_size": 16,
-    "max_model_len": 1024,
+    "block_size": 32,  # CPU attention needs a multiple of 32 for this model
+    "max_model_len": 512,
     "enable_prefix_caching": True,
     "seed": 0,
 }

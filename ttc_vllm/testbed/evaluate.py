@@ -27,6 +27,8 @@ class TierResult:
     sample_accuracy: float          # mean accuracy of a single sample (pass@1 at temperature)
     overthinking_share: float       # share of sampled thinking tokens after the answer first appears
     greedy_overthinking_share: float
+    sampled_thinking_tokens: int     # totals over all samples, for shares across tiers
+    sampled_overthinking_tokens: int
     curve: list[dict]               # majority@j over the first j samples: accuracy and tokens per problem
 
 
@@ -80,6 +82,7 @@ def evaluate_tier(llm, tier: str, problems: int, k: int, temperature: float = 0.
         greedy_accuracy=g_correct / n, greedy_tokens=g_tokens / n, greedy_thinking_tokens=g_think / n,
         majority_accuracy=m_correct / n, majority_tokens=m_tokens / n, sample_accuracy=s_correct / (n * k),
         overthinking_share=s_over / max(1, s_think), greedy_overthinking_share=g_over / max(1, g_think),
+        sampled_thinking_tokens=s_think, sampled_overthinking_tokens=s_over,
         curve=[{"k": j, "accuracy": curve_correct[j] / n, "tokens": curve_tokens[j] / n} for j in sizes],
     )
 

@@ -1,0 +1,52 @@
+"""Numbers of the testbed model card (ttc_vllm/testbed/README.md), through real vLLM.
+
+    python benchmarks/testbed_card.py [--problems 300] [--k 16] [--temperature 0.8]
+
+Per tier on a held-out seed: greedy accuracy, majority@k accuracy, mean thinking tokens,
+share of thinking tokens spent after the answer first appears (overthinking). Prints a
+table, writes benchmarks/results/testbed_card.json and testbed_card.png.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, write_result  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", type=int, default=300)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--model", default=None)
+    a = ap.parse_args()
+
+    from ttc_vllm.demo import format_table, plot_curves
+    from ttc_vllm.engine import make_llm
+    from ttc_vllm.testbed.evaluate import HELD_OUT_SEED, evaluate
+    from ttc_vllm.testbed.task import TIERS
+
+    t0 = time.time()
+    llm = make_llm(a.model, max_num_seqs=256)
+    rows = evaluate(llm, list(TIERS), a.problems, a.k, a.temperature)
+    total_think = sum(r["greedy_thinking_tokens"] for r in rows)
+    print(format_table(rows))
+    overall = sum(r["sampled_overthinking_tokens"] for r in rows) / max(1, sum(r["sampled_thinking_tokens"] for r in rows))
+    print(f"overall overthinking share of sampled thinking tokens: {overall:.1%}")
+    path = write_result("testbed_card", {
+        "problems_per_tier": a.problems, "k": a.k, "temperature": a.temperature, "seed": HELD_OUT_SEED,
+        "tiers_knobs": {n: vars(t) for n, t in TIERS.items()}, "tiers": rows,
+        "overall_overthinking_share": overall, "greedy_thinking_tokens_total": total_think,
+        "seconds": round(time.time() - t0, 1),
+    })
+    plot_curves(rows, RESULTS / "testbed_card.png", f"testbed policy: greedy vs majority@k ({a.problems}/tier)")
+    print(f"wrote {path} and {RESULTS / 'testbed_card.png'}")
+
+
+if __name__ == "__main__":
+    main()
