@@ -75,7 +75,7 @@ def test_pooling_kwargs_per_kind():
     kw = pooling_llm_kwargs(PRMConfig(kind="token_label", model="/m", good_token="+", bad_token="-"))
     assert kw["convert"] == "classify"
     assert kw["hf_overrides"] == {"classifier_from_token": ["-", "+"], "method": "no_post_processing"}
-    assert kw["pooler_config"].tok_pooling_type == "STEP"
+    assert (kw["pooler_config"].task, kw["pooler_config"].tok_pooling_type) == ("token_classify", "STEP")
 
 
 # -- inputs ------------------------------------------------------------------------------

@@ -215,10 +215,11 @@ def pooling_llm_kwargs(config: PRMConfig) -> dict[str, Any]:
 
         good, bad = _token_strings(config)
         overrides = dict(kwargs.get("hf_overrides") or {})
-        # Score head = LM-head rows [bad, good]; STEP pooling at the tag.
+        # Score head = LM-head rows [bad, good]; STEP pooling at the tag. The converted
+        # model's default task is sequence "classify": ask for token_classify explicitly.
         overrides.update({"classifier_from_token": [bad, good], "method": "no_post_processing"})
         kwargs.update(convert="classify", hf_overrides=overrides,
-                      pooler_config=PoolerConfig(tok_pooling_type="STEP"))
+                      pooler_config=PoolerConfig(task="token_classify", tok_pooling_type="STEP"))
     return kwargs
 
 
