@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--steps", type=positive_int, default=2400)
     tp.add_argument("--minutes", type=float, default=60.0)
     tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--lr", type=float, default=2e-3)
+    tp.add_argument("--init", type=readable_dir, default=None, help="continue from these weights")
 
     sub.add_parser("calibrate", help="pick a halting threshold from warm-up traces", add_help=False)
     sub.add_parser("serve", help="vllm serve with the ttc-vllm plugin enabled (same arguments)", add_help=False)
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "testbed" and args.testbed_command == "train-policy":
         from ttc_vllm.testbed.train_policy import train
 
-        train(args.out, args.steps, args.minutes, batch=32, lr=2e-3, seed=args.seed, threads=os.cpu_count() or 2)
+        train(args.out, args.steps, args.minutes, batch=32, lr=args.lr, seed=args.seed,
+              threads=os.cpu_count() or 2, init=args.init)
     return 0
 
 

@@ -1,6 +1,9 @@
 """Train the testbed policy: a small Qwen2 causal LM on seeded random traces.
 
-    python -m ttc_vllm.testbed.train_policy --out DIR [--minutes M] [--seed S]
+    python -m ttc_vllm.testbed.train_policy --out DIR [--minutes M] [--seed S] [--init DIR]
+
+`--init` continues from saved weights (a second phase with its own seed and schedule);
+the shipped weights record every phase's command in training.json.
 
 Reproducible from the seed (data order and init); wall time depends on the machine, so
 the run stops at `--steps` or `--minutes`, whichever comes first, and records both.
@@ -58,17 +61,24 @@ def make_model(tok, seed: int):
     return Qwen2ForCausalLM(cfg)
 
 
-def train(out: Path, steps: int, minutes: float, batch: int, lr: float, seed: int, threads: int) -> dict:
+def train(out: Path, steps: int, minutes: float, batch: int, lr: float, seed: int, threads: int,
+          init: Path | None = None, warmup: int | None = None) -> dict:
     import torch
 
     from ttc_vllm.testbed.tokenizer import build_tokenizer
 
     torch.set_num_threads(threads)
     tok = build_tokenizer()
-    model = make_model(tok, seed)
+    if init is not None:
+        from transformers import Qwen2ForCausalLM
+
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM.from_pretrained(str(init), torch_dtype=torch.float32)
+    else:
+        model = make_model(tok, seed)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = min(200, steps // 10)
+    warmup = min(200, steps // 10) if warmup is None else warmup
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -103,9 +113,14 @@ def train(out: Path, steps: int, minutes: float, batch: int, lr: float, seed: in
         if step % 500 == 0:
             save(model, tok, out)
     save(model, tok, out)
-    record = {"seed": seed, "steps": step, "batch": batch, "lr": lr, "params": n_params,
+    phases = []
+    if init is not None and (Path(init) / "training.json").exists():
+        previous = json.loads((Path(init) / "training.json").read_text())
+        phases = previous.get("phases", [{k: v for k, v in previous.items() if k != "curve"}])
+    record = {"seed": seed, "steps": step, "init": str(init) if init else None, "warmup": warmup, "batch": batch, "lr": lr, "params": n_params,
               "seconds": round(time.time() - t0, 1), "final_loss": curve[-1]["loss"] if curve else None,
               "model_config": MODEL_CONFIG, "curve": curve}
+    record["phases"] = phases + [{k: v for k, v in record.items() if k != "curve"}]
     (out / "training.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -128,8 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", type=Path, default=None, help="continue from these weights")
+    ap.add_argument("--warmup", type=int, default=None)
     a = ap.parse_args(argv)
-    rec = train(a.out, a.steps, a.minutes, a.batch, a.lr, a.seed, a.threads)
+    rec = train(a.out, a.steps, a.minutes, a.batch, a.lr, a.seed, a.threads, a.init, a.warmup)
     print(json.dumps({k: v for k, v in rec.items() if k != "curve"}))
 
 
