@@ -38,6 +38,12 @@ GENERIC_STEP_DELIMITER = "\n\n"
 SEARCH_USAGE: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
     "ttc_search_usage", default=None)
 
+# Sampling knobs of the client request that also shape every sampled step (the search sets
+# n, temperature, top_p, max_tokens, stops and seeds itself): defaults are not copied.
+INHERITED_SAMPLING = {"top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
+                      "frequency_penalty": 0.0, "repetition_penalty": 1.0, "ignore_eos": False,
+                      "logit_bias": None, "allowed_token_ids": None, "bad_words": None}
+
 # generate() keyword arguments that describe the client request and apply to every
 # sub-request; the reasoning-parser ones belong to the single original request.
 _FORWARDED_KWARGS = ("lora_request", "trace_headers", "priority", "data_parallel_rank",
@@ -61,6 +67,16 @@ def default_step_delimiter(tokenizer) -> str:
     if _added_token_id(tokenizer, DEFAULT_STEP_TAG) is not None:
         return DEFAULT_STEP_TAG
     return GENERIC_STEP_DELIMITER
+
+
+def inherited_sampling(sampling_params) -> dict[str, Any]:
+    """The client request's sampling knobs that differ from vLLM's defaults."""
+    out = {}
+    for name, default in INHERITED_SAMPLING.items():
+        value = getattr(sampling_params, name, default)
+        if value != default:
+            out[name] = value
+    return out
 
 
 class SearchRunner:
@@ -103,7 +119,8 @@ class SearchRunner:
             max_model_len=self.max_model_len, max_new_tokens=sampling_params.max_tokens,
             step_delimiter=self.step_delimiter, seed=sampling_params.seed,
             cache_salt=prompt.get("cache_salt"),
-            request_kwargs={k: kwargs[k] for k in _FORWARDED_KWARGS if kwargs.get(k) is not None})
+            request_kwargs={k: kwargs[k] for k in _FORWARDED_KWARGS if kwargs.get(k) is not None},
+            sampling_overrides=inherited_sampling(sampling_params))
         extract = answer_extractor(thinking_open=self.thinking_open(prompt_ids),
                                    think_end=self.think_end, think_start=self.think_start)
         self.searches += 1

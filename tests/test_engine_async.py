@@ -197,3 +197,13 @@ def test_majority_search_end_to_end_over_the_fake_engine():
     assert result.answer == "k" and len(result.candidates) == 3
     assert result.accounting.generated_tokens == 3 * 9
     assert result.accounting.cached_prompt_tokens == 2
+
+
+def test_client_sampling_knobs_reach_every_sub_request_but_cannot_override_the_search():
+    engine = FakeEngine()
+    gen = generator(engine, sampling_overrides={"top_k": 5, "ignore_eos": True})
+    asyncio.run(gen.generate_steps([PROMPT], 2, StepParams(temperature=0.3)))
+    sp = engine.requests[0][2]
+    assert (sp.top_k, sp.ignore_eos, sp.temperature, sp.n) == (5, True, 0.3, 2)
+    with pytest.raises(ValueError, match="temperature"):
+        generator(engine, sampling_overrides={"temperature": 2.0})

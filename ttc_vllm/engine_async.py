@@ -30,13 +30,22 @@ from ttc_vllm.engine_offline import (
 from ttc_vllm.search.protocols import Completion, Step, StepParams
 
 
+# SamplingParams fields the step generator decides for every sub-request.
+SEARCH_OWNED_PARAMS = ("n", "temperature", "top_p", "max_tokens", "stop", "stop_token_ids",
+                       "include_stop_str_in_output", "logprobs", "seed", "output_kind",
+                       "skip_special_tokens")
+
+
 class EngineClientStepGenerator:
     """StepGenerator over an async engine client (`generate(prompt, sampling_params,
     request_id, **kw)` async iterator, `abort(request_id)`).
 
     `prompt_len`: length of the problem prompt (the root prefix); `max_new_tokens`: cap on
     the tokens generated after it per trace (None: only the context limit);
-    `request_kwargs`: passed to every `generate` call (lora_request, priority, ...).
+    `request_kwargs`: passed to every `generate` call (lora_request, priority, ...);
+    `sampling_overrides`: extra SamplingParams fields for every sub-request (the client
+    request's own top_k, penalties, ...); the fields a search controls (n, temperature,
+    top_p, max_tokens, stops, logprobs, seed) are the generator's and cannot be overridden.
     """
 
     def __init__(self, engine_client, tokenizer, *, request_id: str, prompt_len: int,
@@ -44,7 +53,8 @@ class EngineClientStepGenerator:
                  step_delimiter: str = "\n\n", seed: int | None = None,
                  confidence_top_k: int = DEFAULT_CONFIDENCE_TOP_K,
                  cache_salt: str | None = None,
-                 request_kwargs: dict[str, Any] | None = None):
+                 request_kwargs: dict[str, Any] | None = None,
+                 sampling_overrides: dict[str, Any] | None = None):
         if prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
         if max_model_len <= prompt_len:
@@ -61,6 +71,10 @@ class EngineClientStepGenerator:
         self.confidence_top_k = confidence_top_k
         self.cache_salt = cache_salt
         self.request_kwargs = dict(request_kwargs or {})
+        owned = set(SEARCH_OWNED_PARAMS) & set(sampling_overrides or {})
+        if owned:
+            raise ValueError(f"sampling_overrides may not set {sorted(owned)}: the search sets them")
+        self.sampling_overrides = dict(sampling_overrides or {})
         self._ids = itertools.count()
         self.live: set[str] = set()  # submitted, final output not yet received
         self.requests = 0  # engine requests submitted
@@ -186,7 +200,8 @@ class EngineClientStepGenerator:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        kwargs: dict[str, Any] = dict(
+        kwargs: dict[str, Any] = dict(self.sampling_overrides)
+        kwargs.update(
             n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=max_tokens,
             include_stop_str_in_output=True, skip_special_tokens=True,
             output_kind=RequestOutputKind.FINAL_ONLY,

@@ -1,0 +1,358 @@
+"""The sampling controller in a real `ttc-vllm serve` process, through the real `openai`
+client, on loopback. ONE server per session (start-up costs 20-60 s of CPU here).
+
+The server runs the testbed policy with the DeepSeek-R1 reasoning parser (the testbed's
+<think>/</think> are single tokens) and, as its start-up PRM, the deterministic fake PRM of
+ttc_vllm.search.fakes (TTC_VLLM_PRM=python:...), so every strategy is reachable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.ttc_malformed_cases import MALFORMED_CASES
+
+openai = pytest.importorskip("openai")
+from openai.types import Completion  # noqa: E402
+from openai.types.chat import ChatCompletion, ChatCompletionChunk  # noqa: E402
+
+pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVED_NAME = "ttc-testbed"  # matches the "testbed" effort table
+HARD = "512+377+804+219+660+931+145=?"  # 6 additions: ~100 thinking tokens when solved
+EASY = "3+4=?"
+BLOCK = 32  # CPU attention needs a multiple of 32; small so short traces fill blocks
+STARTUP_TIMEOUT_S = float(os.environ.get("TTC_VLLM_SERVER_TIMEOUT", "600"))
+
+
+def policy_dir() -> str:
+    """TTC_VLLM_POLICY, else the shipped policy, else the training run's output."""
+    if os.environ.get("TTC_VLLM_POLICY"):
+        return os.environ["TTC_VLLM_POLICY"]
+    from ttc_vllm.testbed import policy_path
+
+    shipped = policy_path()
+    return str(shipped) if (shipped / "config.json").exists() else "/tmp/train/policy"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def max_model_len(model: str) -> int:
+    config = json.loads(Path(model, "config.json").read_text())
+    return min(1024, int(config.get("max_position_embeddings", 1024)))
+
+
+def server_command(model: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "ttc_vllm.cli", "serve", model,
+            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
+            "--enforce-eager", "--kv-cache-memory-bytes", str(512 << 20), "--block-size", str(BLOCK),
+            "--max-model-len", str(max_model_len(model)), "--max-num-seqs", "64", "--seed", "0",
+            "--reasoning-parser", "deepseek_r1", "--enable-prompt-tokens-details",
+            "--uvicorn-log-level", "warning"]
+
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen, log: Path):
+        self.url = url
+        self.process = process
+        self.log = log
+
+    def metrics(self, label: str = "") -> dict[str, float]:
+        """Prometheus samples summed by metric name, over the samples whose labels contain
+        `label` (e.g. 'finished_reason="abort"')."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$", line)
+            if not m or label not in (m.group(2) or ""):
+                continue
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+        return out
+
+
+@pytest.fixture(scope="session")
+def server():
+    model = policy_dir()
+    if not Path(model, "config.json").exists():
+        pytest.skip(f"no testbed policy at {model}")
+    port = free_port()
+    env = {**os.environ,
+           "TTC_VLLM_PRM": "python:ttc_vllm.search.fakes:FakeArithmeticPRM",
+           "TTC_VLLM_MAX_N": "16",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = Path(tempfile.mkstemp(prefix="ttc-server-", suffix=".log")[1])
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(server_command(model, port), cwd=ROOT, env=env, stdout=sink,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield Server(url, process, log)
+    finally:
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def testbed_tokenizer():
+    from ttc_vllm.testbed.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+def chat(question: str):
+    return [{"role": "user", "content": question}]
+
+
+def reasoning_of(message) -> str:
+    extra = message.model_extra or {}
+    return extra.get("reasoning") or extra.get("reasoning_content") or ""
+
+
+def raw_chat(client, **kwargs) -> tuple[ChatCompletion, dict]:
+    raw = client.chat.completions.with_raw_response.create(model=SERVED_NAME, **kwargs)
+    data = raw.http_response.json()
+    return ChatCompletion.model_validate(data), data  # strict validation, not construct()
+
+
+def n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+# -- requests without ttc ---------------------------------------------------------------------
+
+def test_plain_requests_take_vllms_path(client, server):
+    first, data = raw_chat(client, messages=chat(EASY), max_tokens=120, temperature=0,
+                           extra_body={"return_token_ids": True})
+    second, _ = raw_chat(client, messages=chat(EASY), max_tokens=120, temperature=0,
+                         extra_body={"return_token_ids": True})
+    assert "ttc" not in data
+    assert first.choices[0].model_extra["token_ids"] == second.choices[0].model_extra["token_ids"]
+    assert first.usage.completion_tokens == len(first.choices[0].model_extra["token_ids"])
+    # The completions endpoint on the same rendered prompt decodes the same greedy tokens.
+    completion = client.completions.create(model=SERVED_NAME, prompt="<s>Q: 3+4=?\n<think>",
+                                           max_tokens=120, temperature=0,
+                                           extra_body={"return_token_ids": True})
+    Completion.model_validate(completion.model_dump())
+    assert completion.choices[0].model_extra["token_ids"] == first.choices[0].model_extra["token_ids"]
+
+
+# -- single-trace controls --------------------------------------------------------------------
+
+def test_thinking_budget_via_extra_body(client, testbed_tokenizer):
+    resp, data = raw_chat(client, messages=chat(HARD), max_tokens=300, temperature=0,
+                          extra_body={"ttc": {"max_think": 30}})
+    thinking = reasoning_of(resp.choices[0].message)
+    assert 0 < n_tokens(testbed_tokenizer, thinking) <= 30
+    assert "Time is up, concluding." in thinking
+    assert "ttc" not in data  # single-trace controls add nothing to the response
+
+
+def test_reasoning_effort_maps_to_the_effort_table(client, testbed_tokenizer):
+    low, _ = raw_chat(client, messages=chat(HARD), max_tokens=400, temperature=0,
+                      reasoning_effort="low")
+    high, _ = raw_chat(client, messages=chat(HARD), max_tokens=400, temperature=0,
+                       reasoning_effort="high")
+    low_n = n_tokens(testbed_tokenizer, reasoning_of(low.choices[0].message))
+    high_n = n_tokens(testbed_tokenizer, reasoning_of(high.choices[0].message))
+    assert low_n <= 32 < high_n  # testbed table: low 32, high 256
+
+
+def test_single_trace_controls_stream(client, testbed_tokenizer):
+    stream = client.chat.completions.create(model=SERVED_NAME, messages=chat(HARD), max_tokens=200,
+                                            temperature=0, stream=True,
+                                            extra_body={"ttc": {"max_think": 40}})
+    reasoning, content, finish, chunks = "", "", None, 0
+    for chunk in stream:
+        ChatCompletionChunk.model_validate(chunk.model_dump())
+        chunks += 1
+        for choice in chunk.choices:
+            reasoning += (choice.delta.model_extra or {}).get("reasoning") or ""
+            content += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert chunks > 5 and finish in ("stop", "length")
+    assert 0 < n_tokens(testbed_tokenizer, reasoning) <= 40
+    assert reasoning.endswith("Time is up, concluding.")
+
+
+def test_single_trace_controls_on_completions(client, testbed_tokenizer):
+    resp = client.completions.create(model=SERVED_NAME, prompt=f"<s>Q: {HARD}\n<think>",
+                                     max_tokens=200, temperature=0,
+                                     extra_body={"ttc": {"max_think": 25}})
+    text = resp.choices[0].text
+    assert "</think>" in text
+    assert n_tokens(testbed_tokenizer, text.split("</think>")[0]) <= 25
+
+
+# -- search -----------------------------------------------------------------------------------
+
+SEARCHES = {
+    "majority": {"strategy": "majority", "n": 4},
+    "weighted_vote": {"strategy": "weighted_vote", "n": 4},
+    "best_of_n": {"strategy": "best_of_n", "n": 4},
+    "beam": {"strategy": "beam", "n": 4, "beam_width": 2, "max_steps": 12},
+    "dvts": {"strategy": "dvts", "n": 4, "beam_width": 2, "max_steps": 12},
+    "mcts": {"strategy": "mcts", "n": 2, "beam_width": 2, "max_steps": 12, "mcts": {"rollouts": 6}},
+}
+
+
+@pytest.mark.parametrize("name", list(SEARCHES))
+def test_search_strategy_returns_one_openai_response(client, name):
+    resp, data = raw_chat(client, messages=chat("12+7+30=?"), max_tokens=400, seed=1,
+                          extra_body={"ttc": {"search": SEARCHES[name]}, "return_token_ids": True})
+    assert len(resp.choices) == 1
+    usage = data["ttc"]
+    assert usage["strategy"] == name and usage["searches"] == 1
+    assert usage["candidates"] >= 1 and usage["engine_requests"] >= 1
+    assert usage["generated_tokens"] >= resp.usage.completion_tokens > 0
+    assert resp.usage.completion_tokens == len(resp.choices[0].model_extra["token_ids"])
+    assert (usage["prm_calls"] == 0) == (name == "majority")
+    message = resp.choices[0].message
+    if usage["answers"][0] is not None:  # the reasoning parser split the chosen trace
+        assert reasoning_of(message) and "</think>" not in reasoning_of(message)
+        assert usage["answers"][0] in (message.content or "")
+
+
+def test_step_search_continues_parents_and_hits_the_prefix_cache(client):
+    _, data = raw_chat(client, messages=chat("512+377+804=?"), max_tokens=400, seed=2,
+                       extra_body={"ttc": {"search": SEARCHES["beam"]}})
+    usage = data["ttc"]
+    assert usage["generator_calls"] >= 2  # several rounds
+    # every round after the first continues parents whose prefixes fill >= 1 block
+    assert usage["cached_prompt_tokens"] >= BLOCK * (usage["generator_calls"] - 1)
+
+
+def test_search_streams_with_the_usage_block_last(client):
+    stream = client.chat.completions.create(
+        model=SERVED_NAME, messages=chat("12+7=?"), max_tokens=300, stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ttc": {"search": {"strategy": "majority", "n": 3}}})
+    chunks = list(stream)
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate(chunk.model_dump())
+    assert chunks[-1].usage is not None and chunks[-1].model_extra["ttc"]["candidates"] == 3
+    assert all("ttc" not in (c.model_extra or {}) for c in chunks[:-1])
+    text = "".join((c.choices[0].delta.content or "") + ((c.choices[0].delta.model_extra or {}).get("reasoning") or "")
+                   for c in chunks if c.choices)
+    assert text
+
+
+def test_search_on_completions_with_two_prompts(client):
+    raw = client.completions.with_raw_response.create(
+        model=SERVED_NAME, prompt=["<s>Q: 3+4=?\n<think>", "<s>Q: 10+20=?\n<think>"], max_tokens=200,
+        extra_body={"ttc": {"search": {"strategy": "majority", "n": 3}}})
+    data = raw.http_response.json()
+    resp = Completion.model_validate(data)
+    assert len(resp.choices) == 2
+    assert data["ttc"]["searches"] == 2 and data["ttc"]["candidates"] == 6
+
+
+# -- malformed requests -----------------------------------------------------------------------
+
+SERVER_CASES = [c for c in MALFORMED_CASES if c[0] != "search_needs_prm"]  # this server has a PRM
+
+
+@pytest.mark.parametrize("case_id,fields,param", SERVER_CASES, ids=[c[0] for c in SERVER_CASES])
+def test_malformed_request_is_a_400_naming_the_field_and_serving_continues(client, case_id, fields, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=SERVED_NAME, messages=chat(EASY), extra_body=fields)
+    error = e.value.response.json()["error"]
+    assert error["param"] == param and error["code"] == 400
+    assert error["message"].startswith(param + ":")
+    ok = client.chat.completions.create(model=SERVED_NAME, messages=chat(EASY), max_tokens=4)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_at_least_thirty_kinds_of_malformed_requests():
+    assert len(SERVER_CASES) >= 30
+
+
+# -- disconnect -------------------------------------------------------------------------------
+
+def test_disconnect_mid_search_aborts_every_sub_request(server, client):
+    """A long search (ignore_eos, inherited by every sampled trace, makes each of the 16
+    traces run to max_tokens: ~3 s here), dropped by its client after 1.5 s while it holds
+    KV blocks: the traces are aborted -- never counted as finished -- and the engine goes
+    back to idle (no running request, KV usage 0)."""
+    body = {"model": SERVED_NAME, "messages": chat(HARD), "max_tokens": 440, "seed": 3,
+            "ignore_eos": True,
+            "ttc": {"search": {"strategy": "majority", "n": 16, "max_step_tokens": 440}}}
+    finished_before = server.metrics().get("vllm:request_success_total", 0.0)
+    outcome: list[str] = []
+
+    def doomed_request():
+        try:
+            httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=1.5)
+            outcome.append("completed")
+        except httpx.TimeoutException:
+            outcome.append("gave up")  # the client closes the connection
+
+    thread = threading.Thread(target=doomed_request)
+    thread.start()
+    peak_kv, peak_running = 0.0, 0.0
+    while thread.is_alive():
+        m = server.metrics()
+        peak_kv = max(peak_kv, m.get("vllm:kv_cache_usage_perc", 0.0))
+        peak_running = max(peak_running, m.get("vllm:num_requests_running", 0.0))
+        time.sleep(0.1)
+    assert outcome == ["gave up"], "the search finished before the client gave up"
+    assert peak_kv > 0 and peak_running >= 1, "the search never held KV blocks"
+    deadline = time.monotonic() + 20
+    while True:
+        m = server.metrics()
+        if (m.get("vllm:num_requests_running", 1) == 0 and m.get("vllm:num_requests_waiting", 1) == 0
+                and m.get("vllm:kv_cache_usage_perc", 1) == 0):
+            break
+        assert time.monotonic() < deadline, f"not idle after the disconnect: {m}"
+        time.sleep(0.2)
+    time.sleep(3)  # longer than the whole search would have run
+    finished = server.metrics().get("vllm:request_success_total", 0.0) - finished_before
+    assert finished < 16, f"{finished} traces ran to the end: they were not aborted"
+    assert server.metrics().get("vllm:num_requests_running", 1) == 0
+    ok = client.chat.completions.create(model=SERVED_NAME, messages=chat(EASY), max_tokens=4)
+    assert ok.choices[0].finish_reason in ("stop", "length")
