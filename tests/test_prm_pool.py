@@ -159,3 +159,14 @@ def test_search_runs_on_the_pool(local_ray):
     assert via_pool.answer == direct.answer == str(problem.answer)
     assert via_pool.chosen.trace == direct.chosen.trace
     assert via_pool.accounting.prm_traces == direct.accounting.prm_traces
+
+
+def test_scorer_errors_reach_the_caller_without_retries(local_ray):
+    class FailingPRM:  # local: pickled by value, so the Ray worker needs no test module
+        async def score(self, traces):
+            raise ValueError("trace too long for the PRM")
+
+    with PRMPool(1, FailingPRM, actor_options=SMALL) as pool:
+        with pytest.raises(ValueError, match="trace too long"):
+            asyncio.run(pool.score(_traces(1)))
+        assert (pool.stats.retries, pool.live_actors) == (0, 1)

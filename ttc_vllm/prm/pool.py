@@ -133,8 +133,7 @@ class PRMPool:
             _check_reachable(address, connect_timeout_s)
         if not ray.is_initialized():
             try:
-                ray.init(address=address or "local", include_dashboard=False,
-                         log_to_driver=False)
+                ray.init(address=address or "local", include_dashboard=False)
             except Exception as e:
                 raise PRMUnavailableError(f"cannot start or join Ray at {address!r}: {e}") from e
             self._owns_ray = True
@@ -238,6 +237,7 @@ class PRMPool:
         self._capacity = asyncio.Event()
         self._inflight = [0] * len(self.actors)
         self._probes = {}
+        self._batches: set[asyncio.Task] = set()
         self._dispatcher = loop.create_task(self._dispatch())
         for index, state in enumerate(self._state):
             if state == PROBING:  # its probe died with the previous loop
@@ -255,7 +255,7 @@ class PRMPool:
             while self._queue:
                 try:
                     index = await self._reserve_actor()
-                except PRMUnavailableError as e:
+                except Exception as e:  # no actor can serve: nobody waiting may hang
                     self._fail_queue(e)
                     break
                 # Let a batch fill for a moment; under load the wait for a free actor above
@@ -263,17 +263,30 @@ class PRMPool:
                 if sum(len(r.traces) for r in self._queue) < self.max_batch:
                     await asyncio.sleep(self.batch_delay_s)
                 batch = self._take_batch()
-                self._loop.create_task(self._run_batch(index, batch))
+                if not batch:  # every caller in it went away
+                    self._release(index)
+                    continue
+                task = self._loop.create_task(self._run_batch(index, batch))
+                self._batches.add(task)  # keep a reference until it is done
+                task.add_done_callback(self._batches.discard)
 
     def _take_batch(self) -> list[_Request]:
-        batch = [self._queue.popleft()]  # always at least one, even if larger than max_batch
-        size = len(batch[0].traces)
-        while self._queue and size + len(self._queue[0].traces) <= self.max_batch:
-            size += len(self._queue[0].traces)
-            batch.append(self._queue.popleft())
-        self.stats.batches += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, size)
+        """Queued calls in order, up to max_batch traces (a larger call goes alone);
+        calls whose caller has gone are dropped."""
+        batch, size = [], 0
+        while self._queue and (not batch or size + len(self._queue[0].traces) <= self.max_batch):
+            request = self._queue.popleft()
+            if not request.future.done():
+                batch.append(request)
+                size += len(request.traces)
+        if batch:
+            self.stats.batches += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, size)
         return batch
+
+    def _release(self, index: int) -> None:
+        self._inflight[index] -= 1
+        self._capacity.set()
 
     def _fail_queue(self, error: Exception) -> None:
         while self._queue:
@@ -315,7 +328,8 @@ class PRMPool:
         if len(scores) != len(traces):
             error = RuntimeError(f"PRM scorer returned {len(scores)} results for {len(traces)} traces")
             for r in batch:
-                r.future.set_exception(error)
+                if not r.future.done():
+                    r.future.set_exception(error)
             return
         start = 0
         for r in batch:
@@ -335,8 +349,7 @@ class PRMPool:
                     ref = self.actors[index].score.remote(traces)
                     return await asyncio.wait_for(_await_ref(ref), self.call_timeout_s)
                 finally:
-                    self._inflight[index] -= 1
-                    self._capacity.set()
+                    self._release(index)
             except (ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
                 attempts += 1
                 self.stats.retries += 1
