@@ -29,12 +29,13 @@ def _slow_prm(delay_s):
 
 
 def _traces(count):
-    """Distinct one-step traces over several problems (their scores differ)."""
+    """Traces of different problems and lengths (1-4 steps), so that a caller handed
+    another caller's scores would notice."""
     policy = FakeArithmeticPolicy(seed=5)
     problems = task.generate("medium", count, seed=2)
     prompts = [prompt_ids(p) for p in problems]
-    steps = asyncio.run(policy.generate_steps(prompts, 1, StepParams()))
-    return [Trace(tuple(p), (s,)) for p, [s] in zip(prompts, steps)]
+    done = asyncio.run(policy.complete(prompts, 1, StepParams(max_tokens=512)))
+    return [Trace(tuple(p), steps[:1 + i % 4]) for i, (p, [steps]) in enumerate(zip(prompts, done))]
 
 
 def _expected(traces):
@@ -64,7 +65,7 @@ def test_requests_are_batched_and_answered_in_order(local_ray):
     with PRMPool(2, _slow_prm(0.2), max_batch=4, max_inflight_per_actor=1,
                  actor_options=SMALL) as pool:
         results = asyncio.run(_score_each(pool, traces))
-        assert [r[0] for r in results] == [e for e in _expected(traces)]
+        assert [r[0] for r in results] == _expected(traces)
         # 12 one-trace calls arrive together: three full batches, not twelve calls.
         assert (pool.stats.batches, pool.stats.largest_batch) == (3, 4)
         assert (pool.stats.requests, pool.stats.traces, pool.stats.retries) == (12, 12, 0)
