@@ -11,7 +11,7 @@ from typing import Sequence
 from ttc_vllm.search.aggregate import aggregate_step_scores, best_of_n, majority_vote, weighted_vote
 from ttc_vllm.search.options import SearchOptions
 from ttc_vllm.search.protocols import (
-    Accounting, Candidate, Completion, ExtractAnswer, SearchResult, Step, StepGenerator,
+    Accounting, Candidate, Completion, ExtractAnswer, SearchResult, StepGenerator,
     StepParams, StepScorer, Trace,
 )
 
