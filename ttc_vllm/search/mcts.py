@@ -71,16 +71,16 @@ def backpropagate(node: Node | None, values: Sequence[float]) -> None:
 
 
 def best_open_leaf(root: Node) -> Node:
-    """The unexpanded node of the highest value (deeper first on ties): where to finish."""
-    best, stack = root, [root]
+    """The unexpanded, unfinished node of the highest value, the deeper on ties, then the
+    first in tree order: where to finish when no rollout reached an answer."""
+    leaves, stack = [], [root]
     while stack:
         node = stack.pop()
         if node.children:
             stack.extend(reversed(node.children))
-        elif node.candidate.step_scores and (state_value(node.candidate), node.depth) > (
-                (state_value(best.candidate), best.depth) if best is not root else (-1.0, -1)):
-            best = node
-    return best
+        elif node is not root and not node.candidate.finished:
+            leaves.append(node)
+    return max(leaves, key=lambda n: (state_value(n.candidate), n.depth), default=root)
 
 
 async def run(problem_prompt_ids: Sequence[int], generator: StepGenerator,
