@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -88,7 +87,7 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server():
+def server(tmp_path_factory):
     model = policy_dir()
     if not Path(model, "config.json").exists():
         pytest.skip(f"no testbed policy at {model}")
@@ -97,7 +96,7 @@ def server():
            "TTC_VLLM_PRM": "python:ttc_vllm.search.fakes:FakeArithmeticPRM",
            "TTC_VLLM_MAX_N": "16",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    log = Path(tempfile.mkstemp(prefix="ttc-server-", suffix=".log")[1])
+    log = tmp_path_factory.mktemp("ttc-server") / "server.log"
     with open(log, "wb") as sink:
         process = subprocess.Popen(server_command(model, port), cwd=ROOT, env=env, stdout=sink,
                                    stderr=subprocess.STDOUT, start_new_session=True)
