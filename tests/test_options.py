@@ -122,5 +122,10 @@ def test_named_threshold_resolves_through_calibration_file(tmp_path, monkeypatch
     assert TTCOptions(halting={"threshold": 3}).resolved_halting().threshold == 3.0
 
 
-def test_search_placeholder_accepts_anything_for_now():
-    assert TTCOptions(search={"strategy": "best_of_n", "n": 4}).search == {"strategy": "best_of_n", "n": 4}
+def test_search_is_validated_by_the_search_options_model():
+    opts = TTCOptions(search={"strategy": "best_of_n", "n": 4})
+    assert opts.search.strategy == "best_of_n" and opts.search.n == 4
+    with pytest.raises(ValueError, match=r"search\.n"):
+        TTCOptions(search={"strategy": "best_of_n", "n": 0})
+    with pytest.raises(ValueError, match=r"search\.strategy"):
+        TTCOptions(search={"strategy": "telepathy"})

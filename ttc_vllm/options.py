@@ -15,6 +15,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationErro
                       ValidationInfo, field_validator, model_validator)
 
 from ttc_vllm import budget
+from ttc_vllm.search.options import SearchOptions
 
 EXTRA_ARGS_KEY = "ttc"
 DEFAULT_CONCLUSION = "\nTime is up, concluding."
@@ -108,8 +109,9 @@ class TTCOptions(BaseModel):
     continuation: str = Field(DEFAULT_CONTINUATION, max_length=MAX_FORCED_TEXT_CHARS)
     max_extensions: int = Field(8, ge=0, description="continuations injected at most")
     halting: HaltingOptions | None = None
-    # Placeholder: ttc_vllm/search/ owns the search options model and will type this field.
-    search: Any = None
+    # Search strategies run outside the engine (server or jobs); their options model lives
+    # with the strategies, validated here as part of the one request model.
+    search: SearchOptions | None = None
 
     @model_validator(mode="after")
     def _consistent_budgets(self) -> TTCOptions:
