@@ -1,0 +1,134 @@
+"""Decode throughput with the in-engine controls active on every request vs plain requests,
+through real vLLM.
+
+    python benchmarks/controls_overhead.py [--batch 64] [--max-tokens 384] [--rounds 5] [--model DIR]
+
+One engine, one run. Each round generates one batch of `--batch` requests per arm, the arms
+alternating within the round (ABC, then BCA, ... so no arm always goes first), so machine
+noise from other jobs hits every arm alike. Every request generates exactly `--max-tokens`
+tokens (`ignore_eos=True`) and the options never end a trace early: a huge `max_think` (the
+budget logic still runs every step), a halting threshold that never fires, and no answer
+reserve. Arms:
+  plain            no TTC options (the processor is registered but idle)
+  budget           {"max_think": 10**6, "answer_reserve": 0}
+  budget+halting   the same plus token-confidence halting (tail over 64 tokens, tau 1e6)
+  budget+entropy   the same with the entropy signal (the costlier one: a full softmax)
+Reported: generated tokens/s per arm per round, and per round the ratio to plain in the same
+round; the median ratio over rounds is the number. Writes
+benchmarks/results/controls_overhead.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import controls_common as cc
+
+ARMS = {
+    "plain": None,
+    "budget": {"max_think": 10**6, "answer_reserve": 0},
+    "budget+halting": {"max_think": 10**6, "answer_reserve": 0,
+                       "halting": {"signal": "token_confidence", "aggregate": "tail", "window": 64,
+                                   "threshold": 1e6, "direction": "above", "action": "conclude"}},
+    "budget+entropy": {"max_think": 10**6, "answer_reserve": 0,
+                       "halting": {"signal": "entropy", "aggregate": "tail", "window": 64,
+                                   "threshold": -1e6, "direction": "below", "action": "conclude"}},
+}
+TARGET_ARM = "budget+halting"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cc.add_engine_args(ap)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=384)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--arms", default=",".join(ARMS))
+    a = ap.parse_args()
+
+    from ttc_vllm.testbed.task import generate, prompt
+
+    arms = [x.strip() for x in a.arms.split(",") if x.strip()]
+    if "plain" not in arms:
+        raise SystemExit("--arms must include plain (the reference)")
+    t0 = time.time()
+    llm = cc.make_engine(a, max_num_seqs=max(a.batch, 1))
+    ids = cc.Ids.of(llm)
+    prompts = [prompt(p) for p in generate("hard", a.batch, 1)]
+    prm = {arm: cc.params(ARMS[arm], temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True) for arm in arms}
+
+    def run(arm: str) -> tuple[float, int, int]:
+        t = time.perf_counter()
+        outs = llm.generate(prompts, prm[arm], use_tqdm=False)
+        dt = time.perf_counter() - t
+        toks = [list(o.outputs[0].token_ids) for o in outs]
+        n = sum(len(x) for x in toks)
+        # Both sides must do the same work: every request runs to max_tokens.
+        short = sum(len(x) != a.max_tokens for x in toks)
+        return n / dt, n, short
+
+    for arm in arms:   # warm-up round (allocations, first-touch of the controller's tensors)
+        run(arm)
+    tput: dict[str, list[float]] = {arm: [] for arm in arms}
+    short_total = 0
+    for r in range(a.rounds):
+        order = arms[r % len(arms):] + arms[:r % len(arms)]
+        for arm in order:
+            tps, n, short = run(arm)
+            tput[arm].append(tps)
+            short_total += short
+        print(f"round {r + 1}: " + "  ".join(f"{arm} {tput[arm][-1]:.0f}" for arm in arms) + " tok/s", flush=True)
+    ratios = {arm: [tput[arm][i] / tput["plain"][i] for i in range(a.rounds)] for arm in arms}
+    rows = []
+    for arm in arms:
+        rows.append(dict(arm=arm, tokens_per_s_median=statistics.median(tput[arm]),
+                         tokens_per_s=tput[arm], ratio_median=statistics.median(ratios[arm]),
+                         ratio_min=min(ratios[arm]), ratio_max=max(ratios[arm]), ratios=ratios[arm]))
+    print(f"\nbatch {a.batch}, {a.max_tokens} tokens each (ignore_eos), {a.rounds} alternating rounds:")
+    print(cc.table(["arm", "tok/s (median)", "ratio median", "ratio min", "ratio max"],
+                   [[r["arm"], f"{r['tokens_per_s_median']:.0f}", f"{r['ratio_median']:.3f}",
+                     f"{r['ratio_min']:.3f}", f"{r['ratio_max']:.3f}"] for r in rows]))
+    target = next(r for r in rows if r["arm"] == TARGET_ARM) if TARGET_ARM in arms else None
+    met = target is not None and target["ratio_median"] >= 0.97
+    if target is not None:
+        print(f"\ntarget: {TARGET_ARM} >= 0.97x plain -> {target['ratio_median']:.3f}x: {'MET' if met else 'NOT MET'}")
+    print(f"requests that did not run to max_tokens: {short_total} (must be 0)")
+    path = cc.write_result("controls_overhead", {
+        "model": cc.model_name(a), "batch": a.batch, "max_tokens": a.max_tokens, "rounds": a.rounds,
+        "arms": {arm: ARMS[arm] for arm in arms}, "rows": rows, "short_requests": short_total,
+        "target": {"arm": TARGET_ARM, "ratio_min": 0.97, "met": met}, "seconds": round(time.time() - t0, 1),
+        "marker_ids": {"think_start": ids.think_start, "think_end": ids.think_end},
+    })
+    plot(rows, a, cc.RESULTS / "controls_overhead.png")
+    print(f"wrote {path} and {cc.RESULTS / 'controls_overhead.png'}")
+    cc.shutdown(llm)
+
+
+def plot(rows, a, path) -> None:
+    plt = cc.pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, r in enumerate(rows):
+        ax1.plot(range(1, len(r["tokens_per_s"]) + 1), r["tokens_per_s"], "o-", color=f"C{i}", label=r["arm"])
+        ax2.bar(i, r["ratio_median"], color=f"C{i}")
+        ax2.errorbar(i, r["ratio_median"], yerr=[[r["ratio_median"] - r["ratio_min"]], [r["ratio_max"] - r["ratio_median"]]],
+                     color="black", capsize=3)
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("generated tokens/s")
+    ax1.set_title(f"batch {a.batch} x {a.max_tokens} tokens")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    ax2.axhline(0.97, ls="--", color="gray", lw=0.8, label="target 0.97x")
+    ax2.set_xticks(range(len(rows)))
+    ax2.set_xticklabels([r["arm"] for r in rows], fontsize=7)
+    ax2.set_ylim(0.8, 1.05)
+    ax2.set_ylabel("throughput / plain (median, min-max)")
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Voting with in-engine "stop" halting of weak traces (DeepConf-online style) vs plain
+majority@16, through real vLLM.
+
+    python benchmarks/controls_voting.py [--problems 100] [--tiers medium,hard] [--cal-problems 40]
+                                         [--select-loss 1.0] [--model DIR]
+
+Sampling at temperature 0.8. Trace j of problem i always has seed base + 64*i + j, so a halted
+trace is the prefix of the plain trace with the same seed (the processor edits no logits until
+it forces EOS): the arms are paired, trace by trace.
+
+1. Warm-up / calibration slice (ttc_vllm.calibrate.CALIBRATION_SEED): 16 plain traces per problem
+   with top-20 log-probs. For each window and percentile, tau = that percentile of the warm-up
+   traces' lowest group confidence (`calibrate.calibrate_entry`, direction "below"): DeepConf's
+   offline threshold. The halting rule (stop a trace as soon as its current group confidence
+   falls under tau: signal group_confidence, aggregate min) is applied to the same traces
+   offline, stopped traces leave the vote, and each setting (window, percentile, vote = majority
+   or confidence-weighted, adaptive or not) gets its accuracy and tokens vs plain majority@16.
+   "Adaptive" adds DeepConf's early exit: traces come in waves (--waves) and a problem stops
+   sampling once >= --min-votes answers agree at a (weighted) share >= --consensus.
+   The setting with the fewest tokens at <= --select-loss points below majority@16 is chosen,
+   separately without and with the adaptive exit.
+2. Evaluation slice (held-out seed), all for real in one engine: 16 plain traces per problem
+   (majority@16, and majority@k of the first k traces as the cheap baseline to beat), the
+   chosen stop setting (16 traces, `HaltingOptions(action="stop", direction="below")`), and
+   the chosen adaptive setting run in waves. Generated tokens count every token of every trace
+   (stopped traces included); the warm-up slice is a one-off cost reported separately.
+
+Prints tables, writes benchmarks/results/controls_voting.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import controls_common as cc
+from controls_halting import halt_points, series
+
+K = 16
+SEED_STRIDE = 64
+
+
+@dataclass
+class Trace:
+    answer: int | None
+    tokens: int
+    stopped: bool
+    r: np.ndarray | None     # per-token confidence of the thinking block (None without log-probs)
+    weight: float = 1.0
+
+
+def seed_of(base: int, i: int, j: int) -> int:
+    return base + SEED_STRIDE * i + j
+
+
+def stop_ttc(window: int, tau: float, min_tokens: int) -> dict:
+    return {"halting": {"signal": "group_confidence", "aggregate": "min", "window": window,
+                        "threshold": float(tau), "direction": "below", "action": "stop",
+                        "min_tokens": min_tokens}}
+
+
+def sample(llm, ids, problems, jobs, base_seed: int, ttc: dict | None, temperature: float,
+           max_tokens: int, logprobs: bool) -> dict[tuple[int, int], Trace]:
+    """Traces (i, j) for jobs [(problem index, trace index)] in one generate call."""
+    from ttc_vllm.testbed.task import extract_answer, prompt
+
+    kw = dict(temperature=temperature, max_tokens=max_tokens)
+    if logprobs:
+        kw["logprobs"] = 20
+    reqs = [prompt(problems[i]) for i, _ in jobs]
+    prm = [cc.params(ttc, seed=seed_of(base_seed, i, j), **kw) for i, j in jobs]
+    outs = llm.generate(reqs, prm, use_tqdm=False)
+    res = {}
+    for (i, j), out in zip(jobs, outs):
+        o = out.outputs[0]
+        tids = list(o.token_ids)
+        n_think = cc.first_think_len(tids, ids)
+        # a stopped trace ends with the forced EOS inside its thinking: it has no answer
+        stopped = ids.think_end not in tids and bool(tids) and tids[-1] == ids.eos
+        r = np.array(cc.thinking_signal(o.logprobs, n_think, "token_confidence"), float) if logprobs else None
+        res[(i, j)] = Trace(None if stopped else extract_answer(o.text), len(tids), stopped, r)
+    return res
+
+
+def min_group(r: np.ndarray, window: int, min_tokens: int) -> float:
+    """Lowest group confidence where halting may act (NaN: trace shorter than a window)."""
+    f = series(r, "group_confidence", "min", window)
+    f = f[min_tokens - 1:] if min_tokens > 0 else f
+    f = f[~np.isnan(f)]
+    return float(f[-1]) if len(f) else float("nan")
+
+
+def simulate_stop(t: Trace, window: int, tau: float, min_tokens: int) -> Trace:
+    """The trace the engine would produce with the stop rule (same seed): its prefix up to
+    the first group confidence under tau, plus the forced EOS."""
+    f = series(t.r, "group_confidence", "min", window)
+    k = int(halt_points(f, np.array([tau]), "below", min_tokens)[0])
+    if k > 0:
+        return Trace(None, k + 1, True, t.r[:k])
+    return Trace(t.answer, t.tokens, False, t.r)
+
+
+def vote(traces: list[Trace], weighted: bool, window: int, min_tokens: int):
+    from ttc_vllm.search.aggregate import majority_vote, weighted_vote
+
+    answers = [t.answer for t in traces]
+    if not weighted:
+        i = majority_vote(answers)
+    else:
+        ws = [weight_of(t, window, min_tokens) for t in traces]
+        i = weighted_vote(answers, ws)
+    return None if i is None else answers[i]
+
+
+def weight_of(t: Trace, window: int, min_tokens: int) -> float:
+    """DeepConf weighting: the trace's confidence (lowest group confidence; mean token
+    confidence for traces shorter than a window)."""
+    if t.r is None or not len(t.r):
+        return 1.0
+    s = min_group(t.r, window, min_tokens)
+    return s if s == s else float(np.mean(t.r))
+
+
+def consensus(traces: list[Trace], weighted: bool, window: int, min_tokens: int, share: float,
+              min_votes: int) -> bool:
+    tally: dict[int, float] = {}
+    n = 0
+    for t in traces:
+        if t.answer is None:
+            continue
+        n += 1
+        tally[t.answer] = tally.get(t.answer, 0.0) + (weight_of(t, window, min_tokens) if weighted else 1.0)
+    if n < min_votes or not tally:
+        return False
+    return max(tally.values()) / sum(tally.values()) >= share
+
+
+def run_policy(per_problem: list[list[Trace]], answers: list[int], weighted: bool, window: int,
+               min_tokens: int, waves: list[int] | None, share: float, min_votes: int) -> dict:
+    """Accuracy / tokens of voting over given traces (in seed order), with the adaptive exit
+    after each wave when `waves` is given."""
+    correct = tokens = used = stopped = 0
+    for traces, ans in zip(per_problem, answers):
+        take = len(traces)
+        if waves:
+            take, acc = 0, 0
+            for w in waves:
+                acc += w
+                take = min(acc, len(traces))
+                if consensus(traces[:take], weighted, window, min_tokens, share, min_votes):
+                    break
+        ts = traces[:take]
+        correct += vote(ts, weighted, window, min_tokens) == ans
+        tokens += sum(t.tokens for t in ts)
+        used += len(ts)
+        stopped += sum(t.stopped for t in ts)
+    n = len(answers)
+    return dict(accuracy=correct / n, tokens=tokens / n, traces=used / n, stopped_share=stopped / max(used, 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cc.add_engine_args(ap)
+    ap.add_argument("--problems", type=int, default=100, help="evaluation problems per tier")
+    ap.add_argument("--cal-problems", type=int, default=40, help="warm-up/calibration problems per tier")
+    ap.add_argument("--tiers", default="medium,hard")
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--windows", default="8,16,32")
+    ap.add_argument("--percentiles", default="5,10,25,50,75,90")
+    ap.add_argument("--min-tokens", type=int, default=0)
+    ap.add_argument("--waves", default="4,4,4,4", help="traces per wave for the adaptive exit (sums to 16)")
+    ap.add_argument("--consensus", type=float, default=0.95, help="answer share that ends sampling (adaptive)")
+    ap.add_argument("--min-votes", type=int, default=3, help="answers needed before the adaptive exit")
+    ap.add_argument("--select-loss", type=float, default=1.0,
+                    help="accuracy loss (points) vs majority@16 allowed on the calibration slice")
+    ap.add_argument("--max-tokens", type=int, default=400)
+    a = ap.parse_args()
+
+    from ttc_vllm.calibrate import CALIBRATION_SEED, calibrate_entry
+    from ttc_vllm.options import HaltingOptions
+    from ttc_vllm.testbed.evaluate import HELD_OUT_SEED
+    from ttc_vllm.testbed.task import generate
+
+    t0 = time.time()
+    tiers = [t.strip() for t in a.tiers.split(",") if t.strip()]
+    waves = [int(x) for x in a.waves.split(",")]
+    if sum(waves) != K:
+        raise SystemExit(f"--waves must sum to {K}")
+    windows = [int(x) for x in a.windows.split(",")]
+    percentiles = [float(x) for x in a.percentiles.split(",")]
+    llm = cc.make_engine(a)
+    ids = cc.Ids.of(llm)
+    sargs = dict(temperature=a.temperature, max_tokens=a.max_tokens)
+
+    # 1. warm-up traces on the calibration slice, offline sweep
+    cal_probs = [p for t in tiers for p in generate(t, a.cal_problems, CALIBRATION_SEED)]
+    cal = sample(llm, ids, cal_probs, [(i, j) for i in range(len(cal_probs)) for j in range(K)],
+                 CALIBRATION_SEED, None, logprobs=True, **sargs)
+    cal_pp = [[cal[(i, j)] for j in range(K)] for i in range(len(cal_probs))]
+    cal_ans = [p.answer for p in cal_probs]
+    warmup_tokens = sum(t.tokens for t in cal.values())
+    base_cal = run_policy(cal_pp, cal_ans, False, 16, 0, None, 1.0, 1)
+    print(f"warm-up slice: {len(cal_probs)} problems x {K}: majority@16 {base_cal['accuracy']:.1%}, "
+          f"{base_cal['tokens']:.0f} tokens/problem ({time.time() - t0:.0f}s)", flush=True)
+    sweep = []
+    for w in windows:
+        for pc in percentiles:
+            entry = calibrate_entry([list(t.r) for t in cal.values()], signal="group_confidence",
+                                    aggregate="min", window=w, direction="below", action="stop",
+                                    min_tokens=a.min_tokens, percentile=pc)
+            tau = entry["threshold"]
+            HaltingOptions.model_validate(stop_ttc(w, tau, a.min_tokens)["halting"])
+            sim = [[simulate_stop(t, w, tau, a.min_tokens) for t in ts] for ts in cal_pp]
+            for weighted in (False, True):
+                for adaptive in (False, True):
+                    r = run_policy(sim, cal_ans, weighted, w, a.min_tokens, waves if adaptive else None,
+                                   a.consensus, a.min_votes)
+                    sweep.append(dict(window=w, percentile=pc, threshold=tau, weighted=weighted,
+                                      adaptive=adaptive, accuracy=r["accuracy"], tokens=r["tokens"],
+                                      loss_points=100 * (base_cal["accuracy"] - r["accuracy"]),
+                                      tokens_saved=1 - r["tokens"] / base_cal["tokens"],
+                                      stopped_share=r["stopped_share"], traces=r["traces"]))
+    print("\nwarm-up slice sweep (stop rule applied offline to the paired plain traces):")
+    print(sweep_table(sweep))
+    chosen = {}
+    for adaptive in (False, True):
+        ok = [s for s in sweep if s["adaptive"] == adaptive and s["loss_points"] <= a.select_loss + 1e-9]
+        if ok:
+            chosen[adaptive] = max(ok, key=lambda s: s["tokens_saved"])
+        else:
+            chosen[adaptive] = min((s for s in sweep if s["adaptive"] == adaptive),
+                                   key=lambda s: (s["loss_points"], -s["tokens_saved"]))
+        print(f"chosen ({'adaptive' if adaptive else 'stop only'}): {fmt(chosen[adaptive])}")
+
+    # 2. evaluation slice, for real
+    ev_probs = [(t, p) for t in tiers for p in generate(t, a.problems, HELD_OUT_SEED)]
+    probs = [p for _, p in ev_probs]
+    n = len(probs)
+    t1 = time.time()
+    base = sample(llm, ids, probs, [(i, j) for i in range(n) for j in range(K)], HELD_OUT_SEED, None,
+                  logprobs=True, **sargs)
+    base_s = time.time() - t1
+    s0 = chosen[False]
+    t1 = time.time()
+    stop = sample(llm, ids, probs, [(i, j) for i in range(n) for j in range(K)], HELD_OUT_SEED,
+                  stop_ttc(s0["window"], s0["threshold"], a.min_tokens), logprobs=True, **sargs)
+    stop_s = time.time() - t1
+    s1 = chosen[True]
+    t1 = time.time()
+    adapt: dict[tuple[int, int], Trace] = {}
+    open_ = list(range(n))
+    done = 0
+    for w in waves:
+        jobs = [(i, j) for i in open_ for j in range(done, done + w)]
+        adapt.update(sample(llm, ids, probs, jobs, HELD_OUT_SEED,
+                            stop_ttc(s1["window"], s1["threshold"], a.min_tokens), logprobs=True, **sargs))
+        done += w
+        open_ = [i for i in open_ if not consensus([adapt[(i, j)] for j in range(done)], s1["weighted"],
+                                                   s1["window"], a.min_tokens, a.consensus, a.min_votes)]
+        if not open_:
+            break
+    adapt_s = time.time() - t1
+
+    rows = []
+    for tier in tiers + ["all"]:
+        idx = [i for i, (t, _) in enumerate(ev_probs) if tier in ("all", t)]
+        ans = [probs[i].answer for i in idx]
+        b_pp = [[base[(i, j)] for j in range(K)] for i in idx]
+        for k in (1, 2, 4, 8, 16):
+            r = run_policy([ts[:k] for ts in b_pp], ans, False, 16, 0, None, 1.0, 1)
+            rows.append(dict(tier=tier, arm=f"majority@{k}", **r))
+        r = run_policy([[stop[(i, j)] for j in range(K)] for i in idx], ans, s0["weighted"], s0["window"],
+                       a.min_tokens, None, 1.0, 1)
+        rows.append(dict(tier=tier, arm="stop", **r))
+        a_pp = [[adapt[(i, j)] for j in range(K) if (i, j) in adapt] for i in idx]
+        r = run_policy(a_pp, ans, s1["weighted"], s1["window"], a.min_tokens, None, 1.0, 1)
+        rows.append(dict(tier=tier, arm="stop+adaptive", **r))
+        # what the offline simulation predicts for the same settings (fidelity check)
+        for name, s, wv in (("stop (simulated)", s0, None), ("stop+adaptive (simulated)", s1, waves)):
+            sim = [[simulate_stop(t, s["window"], s["threshold"], a.min_tokens) for t in ts] for ts in b_pp]
+            r = run_policy(sim, ans, s["weighted"], s["window"], a.min_tokens, wv, a.consensus, a.min_votes)
+            rows.append(dict(tier=tier, arm=name, **r))
+    base_by = {r["tier"]: r for r in rows if r["arm"] == "majority@16"}
+    for r in rows:
+        b = base_by[r["tier"]]
+        r["loss_points"] = 100 * (b["accuracy"] - r["accuracy"])
+        r["tokens_saved"] = 1 - r["tokens"] / b["tokens"]
+    print(f"\nevaluation slice ({a.problems}/tier, seed {HELD_OUT_SEED}, T={a.temperature}); "
+          "tokens = generated tokens per problem, all traces:")
+    print(cc.table(["tier", "arm", "acc", "tokens", "saved", "loss pts", "traces", "stopped"],
+                   [[r["tier"], r["arm"], cc.pct(r["accuracy"]), f"{r['tokens']:.0f}", cc.pct(r["tokens_saved"]),
+                     f"{r['loss_points']:.1f}", f"{r['traces']:.1f}", cc.pct(r["stopped_share"])] for r in rows],
+                   widths=[8, 28, 8, 9, 8, 10, 8, 9]))
+    verdict = {}
+    for arm in ("stop", "stop+adaptive"):
+        r = next(x for x in rows if x["tier"] == "all" and x["arm"] == arm)
+        met = r["loss_points"] <= 1.0 + 1e-9 and r["tokens_saved"] >= 0.60
+        verdict[arm] = dict(tokens_saved=r["tokens_saved"], loss_points=r["loss_points"], met=met)
+        print(f"target ({arm}): >= 60% fewer tokens at equal accuracy (<= 1 point below majority@16) -> "
+              f"saved {r['tokens_saved']:.1%}, loss {r['loss_points']:.1f} points: {'MET' if met else 'NOT MET'}")
+    print(f"warm-up cost: {warmup_tokens} tokens once ({warmup_tokens / n:.0f} per evaluation problem if "
+          f"charged to this slice)")
+
+    path = cc.write_result("controls_voting", {
+        "model": cc.model_name(a), "temperature": a.temperature, "k": K, "tiers": tiers,
+        "max_tokens": a.max_tokens, "halting": "group_confidence / min / direction below / action stop",
+        "min_tokens": a.min_tokens, "waves": waves, "consensus": a.consensus, "min_votes": a.min_votes,
+        "warmup": {"seed": CALIBRATION_SEED, "problems_per_tier": a.cal_problems, "traces_per_problem": K,
+                   "tokens": warmup_tokens, "majority16": base_cal, "select_loss_points": a.select_loss},
+        "sweep": sweep, "chosen": {"stop": s0, "stop+adaptive": s1},
+        "evaluation": {"seed": HELD_OUT_SEED, "problems_per_tier": a.problems, "rows": rows,
+                       "seconds": {"majority16": round(base_s, 1), "stop": round(stop_s, 1),
+                                   "stop+adaptive": round(adapt_s, 1)}},
+        "target": {"tokens_saved_min": 0.60, "loss_points_max": 1.0, "verdict": verdict},
+        "seconds": round(time.time() - t0, 1),
+    })
+    plot(rows, tiers, cc.RESULTS / "controls_voting.png")
+    print(f"wrote {path} and {cc.RESULTS / 'controls_voting.png'}")
+    cc.shutdown(llm)
+
+
+def fmt(s: dict) -> str:
+    return (f"window {s['window']}, percentile {s['percentile']:g} (tau {s['threshold']:.3f}), "
+            f"{'weighted' if s['weighted'] else 'majority'} vote, {'adaptive' if s['adaptive'] else 'all 16'}: "
+            f"acc {s['accuracy']:.1%} (loss {s['loss_points']:.1f} pts), tokens saved {s['tokens_saved']:.1%}")
+
+
+def sweep_table(sweep) -> str:
+    return cc.table(["window", "pct", "tau", "vote", "adaptive", "acc", "loss pts", "saved", "stopped", "traces"],
+                    [[s["window"], f"{s['percentile']:g}", f"{s['threshold']:.3f}",
+                      "weighted" if s["weighted"] else "majority", "yes" if s["adaptive"] else "no",
+                      cc.pct(s["accuracy"]), f"{s['loss_points']:.1f}", cc.pct(s["tokens_saved"]),
+                      cc.pct(s["stopped_share"]), f"{s['traces']:.1f}"] for s in sweep])
+
+
+def plot(rows, tiers, path) -> None:
+    plt = cc.pyplot()
+    fig, axes = plt.subplots(1, len(tiers) + 1, figsize=(4.2 * (len(tiers) + 1), 4))
+    for ax, tier in zip(axes, tiers + ["all"]):
+        rs = [r for r in rows if r["tier"] == tier]
+        maj = [r for r in rs if r["arm"].startswith("majority@")]
+        ax.plot([r["tokens"] for r in maj], [100 * r["accuracy"] for r in maj], "o-", color="gray",
+                label="plain majority@k (k=1..16)")
+        for name, marker, color in (("stop", "s", "C0"), ("stop+adaptive", "D", "C1")):
+            r = next(x for x in rs if x["arm"] == name)
+            ax.scatter([r["tokens"]], [100 * r["accuracy"]], marker=marker, s=60, color=color, zorder=5,
+                       label=f"{name} ({100 * r['tokens_saved']:.0f}% fewer tokens)")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_ylim(0, 100)
+        ax.set_title(tier)
+        ax.set_xlabel("generated tokens per problem (log)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
