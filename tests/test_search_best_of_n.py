@@ -2,13 +2,14 @@ import asyncio
 
 import pytest
 
+from ttc_vllm.search import fakes
 from ttc_vllm.search import SearchOptions, run_search
 from ttc_vllm.search.fakes import (
     FakeArithmeticPolicy, FakeArithmeticPRM, ScriptedGenerator, ScriptedScorer, prompt_ids,
 )
 from ttc_vllm.testbed import task
 
-HARD = task.generate("hard", 10, seed=1)
+HARD = fakes.hard_problems(10, seed=1)
 PROBLEM = task.Problem((1, 2, 4))
 
 A = ["\n1+2=3<step>", "\n3+4=7<step>", "\n</think>\nAnswer: 7"]

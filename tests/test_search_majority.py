@@ -3,11 +3,12 @@ from collections import Counter
 
 import pytest
 
+from ttc_vllm.search import fakes
 from ttc_vllm.search import SearchOptions, run_search
 from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, prompt_ids
 from ttc_vllm.testbed import task
 
-HARD = task.generate("hard", 10, seed=1)
+HARD = fakes.hard_problems(10, seed=1)
 
 
 def _run(problem, policy, scorer=None, **options):

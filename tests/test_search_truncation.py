@@ -3,11 +3,12 @@ import math
 
 import pytest
 
+from ttc_vllm.search import fakes
 from ttc_vllm.search import SearchOptions, Step, Trace, run_search
 from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, RecordingGenerator, prompt_ids
 from ttc_vllm.testbed import task
 
-HARD = task.generate("hard", 10, seed=1)
+HARD = fakes.hard_problems(10, seed=1)
 
 
 def _run(strategy, problem, generator, scorer=None, **options):

@@ -298,3 +298,13 @@ class ScriptedScorer:
 
     async def score(self, traces: Sequence[Trace]) -> list[list[float]]:
         return [list(self.table[t.text]) for t in traces]
+
+
+# The problem set of the fake-policy tests, pinned to the knobs the fakes were written for
+# (6-8 terms of 50-999) rather than to the testbed tiers, which are tuned to the trained model.
+FAKE_HARD_TIER = task.Tier("hard", 6, 8, 50, 999)
+
+
+def hard_problems(n: int, seed: int) -> list[task.Problem]:
+    rng = random.Random(f"hard:{seed}")
+    return [task.sample_problem(rng, FAKE_HARD_TIER) for _ in range(n)]
