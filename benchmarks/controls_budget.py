@@ -1,6 +1,6 @@
 """Accuracy versus thinking budget (`max_think`) per testbed tier, through real vLLM.
 
-    python benchmarks/controls_budget.py [--problems 100] [--budgets 0,8,16,32,48,64,96,128,192,none]
+    python benchmarks/controls_budget.py [--problems 100] [--budgets 0,8,16,32,48,64,96,112,128,160,192,224,256,none]
                                          [--conclusions none,default] [--model DIR]
 
 Greedy decoding on the held-out evaluation slice. Every (budget, conclusion) arm runs in one
@@ -39,7 +39,7 @@ def main() -> None:
     cc.add_engine_args(ap)
     ap.add_argument("--problems", type=int, default=100, help="problems per tier")
     ap.add_argument("--tiers", default=",".join(cc.TIERS))
-    ap.add_argument("--budgets", default="0,8,16,32,48,64,96,128,192,none")
+    ap.add_argument("--budgets", default="0,8,16,32,48,64,96,112,128,160,192,224,256,none")
     ap.add_argument("--conclusions", default="none,default",
                     help="comma list of conclusion modes: none (bare </think>) and/or default (the phrase)")
     ap.add_argument("--max-tokens", type=int, default=400)

@@ -176,6 +176,9 @@ def main() -> None:
     ap.add_argument("--select-loss", type=float, default=1.0,
                     help="accuracy loss (points) vs majority@16 allowed on the calibration slice")
     ap.add_argument("--max-tokens", type=int, default=400)
+    ap.add_argument("--simulate", action="store_true",
+                    help="also report what the offline simulation predicts on the evaluation slice "
+                         "(needs log-probs of the 16 plain traces: slower)")
     a = ap.parse_args()
 
     from ttc_vllm.calibrate import CALIBRATION_SEED, calibrate_entry
@@ -240,12 +243,12 @@ def main() -> None:
     n = len(probs)
     t1 = time.time()
     base = sample(llm, ids, probs, [(i, j) for i in range(n) for j in range(K)], HELD_OUT_SEED, None,
-                  logprobs=True, **sargs)
+                  logprobs=a.simulate, **sargs)
     base_s = time.time() - t1
     s0 = chosen[False]
     t1 = time.time()
     stop = sample(llm, ids, probs, [(i, j) for i in range(n) for j in range(K)], HELD_OUT_SEED,
-                  stop_ttc(s0["window"], s0["threshold"], a.min_tokens), logprobs=True, **sargs)
+                  stop_ttc(s0["window"], s0["threshold"], a.min_tokens), logprobs=s0["weighted"], **sargs)
     stop_s = time.time() - t1
     s1 = chosen[True]
     t1 = time.time()
@@ -255,7 +258,8 @@ def main() -> None:
     for w in waves:
         jobs = [(i, j) for i in open_ for j in range(done, done + w)]
         adapt.update(sample(llm, ids, probs, jobs, HELD_OUT_SEED,
-                            stop_ttc(s1["window"], s1["threshold"], a.min_tokens), logprobs=True, **sargs))
+                            stop_ttc(s1["window"], s1["threshold"], a.min_tokens), logprobs=s1["weighted"],
+                            **sargs))
         done += w
         open_ = [i for i in open_ if not consensus([adapt[(i, j)] for j in range(done)], s1["weighted"],
                                                    s1["window"], a.min_tokens, a.consensus, a.min_votes)]
@@ -278,7 +282,8 @@ def main() -> None:
         r = run_policy(a_pp, ans, s1["weighted"], s1["window"], a.min_tokens, None, 1.0, 1)
         rows.append(dict(tier=tier, arm="stop+adaptive", **r))
         # what the offline simulation predicts for the same settings (fidelity check)
-        for name, s, wv in (("stop (simulated)", s0, None), ("stop+adaptive (simulated)", s1, waves)):
+        for name, s, wv in ((("stop (simulated)", s0, None), ("stop+adaptive (simulated)", s1, waves))
+                            if a.simulate else ()):
             sim = [[simulate_stop(t, s["window"], s["threshold"], a.min_tokens) for t in ts] for ts in b_pp]
             r = run_policy(sim, ans, s["weighted"], s["window"], a.min_tokens, wv, a.consensus, a.min_votes)
             rows.append(dict(tier=tier, arm=name, **r))
