@@ -54,6 +54,85 @@ def writable_dir(text: str) -> Path:
     return path
 
 
+def positive_int_list(text: str) -> list[int]:
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            values.append(positive_int(part))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    return list(dict.fromkeys(values))
+
+
+def strategy_list(text: str) -> list[str]:
+    from ttc_vllm.search import STRATEGIES
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown strategy {', '.join(unknown) or repr(text)}; choose from {', '.join(STRATEGIES)}")
+    return list(dict.fromkeys(names))
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def readable_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"not a readable file: {text}")
+    return path
+
+
+def _add_job_evaluate(job_sub) -> None:
+    ev = job_sub.add_parser(
+        "evaluate", help="batch test-time-compute evaluation on Ray, resumable (results.jsonl, summary, plot)")
+    data = ev.add_argument_group("dataset (testbed tiers, or a JSONL file)")
+    data.add_argument("--tiers", type=tier_list, default=None, help="comma-separated testbed tiers (default: all)")
+    data.add_argument("--dataset", type=readable_file, default=None,
+                      help='JSONL rows {"prompt": ..., "answer": ...} (prompts as the model continues them)')
+    data.add_argument("--dataset-name", default=None, help="tier name of the dataset's rows (default: file stem)")
+    data.add_argument("--problems", type=positive_int, default=None,
+                      help="problems per tier (default 100) / first rows of --dataset (default all)")
+    data.add_argument("--seed", type=int, default=10_000, help="testbed problem seed (default: held-out set)")
+    data.add_argument("--chat", action="store_true", help="render prompts with the policy's chat template")
+    grid = ev.add_argument_group("grid and search")
+    grid.add_argument("--strategies", type=strategy_list, default=["majority"], help="comma-separated strategies")
+    grid.add_argument("--n", type=positive_int_list, default=[4], help="comma-separated n values")
+    grid.add_argument("--temperature", type=float, default=0.8)
+    grid.add_argument("--max-steps", type=positive_int, default=32)
+    grid.add_argument("--max-step-tokens", type=positive_int, default=256)
+    grid.add_argument("--beam-width", type=positive_int, default=4)
+    grid.add_argument("--aggregation", choices=["min", "prod", "mean", "last"], default="min")
+    grid.add_argument("--step-delimiter", default=None,
+                      help=r"step delimiter, backslash escapes allowed (default: the testbed's <step>; '\n\n' for real models)")
+    run = ev.add_argument_group("models and cluster")
+    run.add_argument("--out", type=writable_dir, required=True, help="results directory (reuse it to resume)")
+    run.add_argument("--policy", default=None, help="policy model dir or hub id (default: shipped testbed policy)")
+    run.add_argument("--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments for the policy")
+    run.add_argument("--prm-config", default=None, help="PRMConfig JSON or file (default: shipped testbed PRM)")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster: auto, host:port or ray://host:port (default: RAY_ADDRESS if set, "
+                          "else a local Ray in this process)")
+    run.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of a local Ray (default: all)")
+    run.add_argument("--policy-replicas", type=positive_int, default=1, help="policy engines (Ray actors)")
+    run.add_argument("--replica-cpus", type=non_negative_float, default=1.0)
+    run.add_argument("--replica-gpus", type=non_negative_float, default=0.0)
+    run.add_argument("--prm-actors", type=positive_int, default=1, help="PRM engines (Ray actors)")
+    run.add_argument("--prm-cpus", type=non_negative_float, default=1.0)
+    run.add_argument("--prm-gpus", type=non_negative_float, default=0.0)
+    run.add_argument("--concurrency", type=positive_int, default=8, help="problems in flight per replica")
+    run.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for engines to start")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="ttc-vllm", description="Test-time compute scaling for vLLM serving")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -75,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--lr", type=float, default=2e-3)
     tp.add_argument("--init", type=readable_dir, default=None, help="continue from these weights")
+    tb_sub.add_parser("train-prm", help="train the testbed PRM on `job prm-data` labels", add_help=False)
+
+    job = sub.add_parser("job", help="batch jobs (local Ray, or `ray job submit ... -- ttc-vllm job ...`)")
+    job_sub = job.add_subparsers(dest="job_command", required=True, parser_class=_Parser)
+    _add_job_evaluate(job_sub)
+    job_sub.add_parser("prm-data", help="Monte-Carlo step labels for PRM training", add_help=False)
 
     sub.add_parser("calibrate", help="pick a halting threshold from warm-up traces", add_help=False)
     sub.add_parser("serve", help="vllm serve with the ttc-vllm plugin enabled (same arguments)", add_help=False)
@@ -92,6 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         from ttc_vllm_plugins.serve import serve_main
 
         return serve_main(argv[1:]) or 0
+    if argv[:2] == ["job", "prm-data"]:
+        from ttc_vllm.prm.label import prm_data_main
+
+        prm_data_main(argv[2:])
+        return 0
+    if argv[:2] == ["testbed", "train-prm"]:
+        from ttc_vllm.testbed.train_prm import main as train_prm_main
+
+        train_prm_main(argv[2:])
+        return 0
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from ttc_vllm.demo import run_demo
@@ -102,6 +197,16 @@ def main(argv: list[str] | None = None) -> int:
 
         train(args.out, args.steps, args.minutes, batch=32, lr=args.lr, seed=args.seed,
               threads=os.cpu_count() or 2, init=args.init)
+    elif args.command == "job" and args.job_command == "evaluate":
+        from ttc_vllm.jobs.evaluate import JobError, evaluate_main
+        from ttc_vllm.jobs.replicas import ReplicaUnavailableError
+        from ttc_vllm.prm.pool import PRMUnavailableError
+
+        try:
+            return evaluate_main(args, argv)
+        except (JobError, ReplicaUnavailableError, PRMUnavailableError) as e:
+            sys.stderr.write(f"ttc-vllm job evaluate: error: {' '.join(str(e).split())}\n")
+            return 2
     return 0
 
 

@@ -1,0 +1,653 @@
+"""`ttc-vllm job evaluate`: batch test-time-compute evaluation, resumable.
+
+Every (strategy, n) of a grid runs on every problem of a dataset -- testbed tiers
+(tier, index) or a JSONL file of {"prompt": ..., "answer": ...} rows. One item =
+(strategy, n, tier, index). Search runs in this process (the driver) over policy replicas
+(Ray actors, `ttc_vllm.jobs.replicas`) and, for PRM strategies, a `PRMPool`; items are
+handed to replicas from one queue, `concurrency` in flight per replica.
+
+Resumption: each finished item is appended to OUT/results.jsonl as one line, flushed and
+fsync'd before the next item is recorded, so a killed run loses only the items in flight.
+A rerun with the same OUT reads the file (dropping a torn last line), skips every item
+already there and runs the rest; a record made under other settings (policy, PRM, search
+options, problem text) for the same key is an error, never silently mixed. One run at a
+time writes to OUT (a lock file). When every item is done the run writes OUT/summary.json,
+prints a table (accuracy and generated tokens per strategy x n x tier) and plots
+OUT/accuracy_vs_tokens.png.
+"""
+from __future__ import annotations
+
+import asyncio
+import codecs
+import fcntl
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from pydantic import ValidationError
+
+from ttc_vllm.search import STRATEGIES, SearchOptions, run_search
+from ttc_vllm.testbed import task
+
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "accuracy_vs_tokens.png"
+LOCK_FILE = ".lock"
+TESTBED_POLICY = "testbed-policy"  # identity of the shipped policy in records (paths differ per machine)
+TESTBED_PRM = "testbed-prm"
+
+Key = tuple[str, int, str, int]  # (strategy, n, tier, index)
+
+
+class JobError(ValueError):
+    """Unusable arguments or output directory (the CLI prints one line and exits 2)."""
+
+
+# -- problems and items ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalProblem:
+    tier: str
+    index: int
+    prompt: str  # exactly the text the model continues (or the user message with --chat)
+    answer: str  # expected answer, normalised like extracted answers
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha256(f"{self.prompt}\0{self.answer}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Item:
+    strategy: str
+    n: int
+    problem: EvalProblem
+
+    @property
+    def key(self) -> Key:
+        return (self.strategy, self.n, self.problem.tier, self.problem.index)
+
+
+def normalise_answer(answer: Any) -> str:
+    return " ".join(str(answer).split())
+
+
+def testbed_problems(tiers: Sequence[str], count: int, seed: int) -> list[EvalProblem]:
+    """`count` problems of each tier (the testbed generator: same seed, same problems)."""
+    return [EvalProblem(name, i, task.prompt(p), str(p.answer))
+            for name in tiers for i, p in enumerate(task.generate(name, count, seed))]
+
+
+def jsonl_problems(path: Path, name: str, limit: int | None = None) -> list[EvalProblem]:
+    """Rows {"prompt": str, "answer": any} of a JSONL file (blank lines skipped), the first
+    `limit` of them; the tier of every problem is `name`, the index its row number."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"cannot read dataset {path}: {e}") from None
+    problems: list[EvalProblem] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JobError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise JobError(f"{path}:{lineno}: expected an object with a non-empty string 'prompt'")
+        if row.get("answer") is None or not normalise_answer(row["answer"]):
+            raise JobError(f"{path}:{lineno}: missing 'answer'")
+        problems.append(EvalProblem(name, len(problems), row["prompt"], normalise_answer(row["answer"])))
+        if limit is not None and len(problems) == limit:
+            break
+    if not problems:
+        raise JobError(f"dataset {path} holds no rows")
+    return problems
+
+
+@dataclass
+class Plan:
+    """What to run: the problems, the (strategy, n) grid, the search settings shared by all
+    items, and the identities of policy and PRM written into every record."""
+
+    problems: list[EvalProblem]
+    strategies: list[str]
+    ns: list[int]
+    search: dict[str, Any]  # SearchOptions fields other than strategy and n
+    policy: str = TESTBED_POLICY
+    prm: str | None = TESTBED_PRM  # None: no PRM available
+    testbed_answers: bool = True  # testbed answer line; else ttc_vllm.answer's generic rule
+    chat: bool = False  # render prompts with the policy's chat template
+
+    def __post_init__(self):
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown or not self.strategies:
+            raise JobError(f"unknown strategy {', '.join(unknown) or '(none)'}; choose from "
+                           f"{', '.join(STRATEGIES)}")
+        bad = [n for n in self.ns if not isinstance(n, int) or n < 1]
+        if bad or not self.ns:
+            raise JobError(f"n must be positive integers, got {self.ns}")
+        if not self.problems:
+            raise JobError("no problems to evaluate")
+        self._options: dict[tuple[str, int], SearchOptions] = {}
+        for strategy in self.strategies:
+            for n in self.ns:
+                try:
+                    options = SearchOptions(strategy=strategy, n=n, **self.search)
+                except ValidationError as e:
+                    err = e.errors()[0]
+                    where = ".".join(str(x) for x in err["loc"]) or "options"
+                    raise JobError(f"{strategy} n={n}: {where}: {err['msg']}") from None
+                if options.needs_scorer and self.prm is None:
+                    raise JobError(f"strategy {strategy!r} needs a PRM and none is available "
+                                   "(pass --prm-config, or ship the testbed PRM)")
+                self._options[(strategy, n)] = options
+
+    def options(self, strategy: str, n: int) -> SearchOptions:
+        return self._options[(strategy, n)]
+
+    @property
+    def tiers(self) -> list[str]:
+        return list(dict.fromkeys(p.tier for p in self.problems))
+
+    def items(self) -> list[Item]:
+        """Grouped by (strategy, n) so that items in flight together make the same kind of
+        engine calls (replicas merge those)."""
+        return [Item(s, n, p) for s in self.strategies for n in sorted(self.ns) for p in self.problems]
+
+    def setup(self, item: Item) -> dict[str, Any]:
+        """What a record of this item must have been made with to count as done."""
+        options = self.options(item.strategy, item.n)
+        return {"policy": self.policy, "prm": self.prm if options.needs_scorer else None,
+                "chat": self.chat, "options": options.model_dump(mode="json"),
+                "problem_sha": item.problem.sha}
+
+    def extract_answer(self) -> Callable[[str], Any]:
+        if self.testbed_answers:
+            return task.extract_answer
+        from ttc_vllm.answer import answer_extractor
+
+        return answer_extractor()
+
+
+# -- the results file -------------------------------------------------------------------------
+
+def record_key(record: dict[str, Any]) -> Key:
+    return (record["strategy"], int(record["n"]), record["tier"], int(record["index"]))
+
+
+class ResultStore:
+    """OUT/results.jsonl: one JSON line per finished item (see module doc).
+
+    Opening repairs a torn last line (a run killed mid-write) by cutting the file back to
+    its last newline; a malformed line elsewhere is an error. `done` maps item keys to
+    their records; a key recorded twice keeps its first record.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.path = self.directory / RESULTS_FILE
+        self.done: dict[Key, dict[str, Any]] = {}
+        self.repaired_bytes = 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # torn last line: it was never acknowledged, drop it
+            self.repaired_bytes = len(data) - end
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+            data = data[:end]
+        for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                key = record_key(record)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise JobError(f"{self.path}:{lineno}: not a result record; the file is "
+                               "corrupt (move it away to start over)") from None
+            self.done.setdefault(key, record)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record durably (one write of the whole line, then fsync)."""
+        line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self.directory)
+        self.done.setdefault(record_key(record), record)
+
+    def check(self, plan: Plan) -> None:
+        """Raise JobError if a done item of the plan was made under other settings."""
+        for item in plan.items():
+            record = self.done.get(item.key)
+            if record is None:
+                continue
+            want, have = plan.setup(item), record.get("setup", {})
+            if have != want:
+                fields = _differing(want, have)
+                raise JobError(
+                    f"{self.path} already holds {item.key} made with a different "
+                    f"{', '.join(fields)}; use another --out or the settings of that run")
+
+    def pending(self, plan: Plan) -> list[Item]:
+        return [item for item in plan.items() if item.key not in self.done]
+
+
+def _differing(want: dict, have: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(want) | set(have)):
+        a, b = want.get(k), have.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} ({b!r} there, {a!r} now)")
+    return out
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class OutputLock:
+    """An exclusive lock on OUT so that two runs never append to the same results file."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            raise JobError(f"another evaluation is writing to {self.path.parent}") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+# -- running ----------------------------------------------------------------------------------
+
+class ItemFailedError(RuntimeError):
+    """An item raised; the items recorded before it are kept."""
+
+
+class LocalWorker:
+    """A policy in this process as a worker (tests, and anything not on Ray): a
+    StepGenerator plus `encode(text, chat)`, like replicas.ReplicaClient."""
+
+    def __init__(self, policy, name: str = "local"):
+        self.policy = policy
+        self.name = name
+
+    async def encode(self, text: str, chat: bool = False) -> list[int]:
+        return self.policy.encode(text, chat)
+
+    async def generate_steps(self, prefixes, n, params):
+        return await self.policy.generate_steps(prefixes, n, params)
+
+    async def complete(self, prefixes, n, params):
+        return await self.policy.complete(prefixes, n, params)
+
+
+async def evaluate_item(plan: Plan, item: Item, worker, scorer,
+                        prompt_ids: dict[tuple[str, bool], list[int]]) -> dict[str, Any]:
+    """Run one item's search on `worker`; the record to store."""
+    cache_key = (item.problem.prompt, plan.chat)
+    ids = prompt_ids.get(cache_key)
+    if ids is None:
+        ids = prompt_ids[cache_key] = list(await worker.encode(item.problem.prompt, plan.chat))
+    options = plan.options(item.strategy, item.n)
+    result = await run_search(ids, worker, scorer if options.needs_scorer else None, options,
+                              plan.extract_answer())
+    answer = None if result.answer is None else normalise_answer(result.answer)
+    a = result.accounting
+    strategy, n, tier, index = item.key
+    return {
+        "strategy": strategy, "n": n, "tier": tier, "index": index,
+        "answer": answer, "expected": item.problem.answer, "correct": answer == item.problem.answer,
+        "generated_tokens": a.generated_tokens, "prompt_tokens": a.prompt_tokens,
+        "cached_prompt_tokens": a.cached_prompt_tokens, "generator_calls": a.generator_calls,
+        "nodes_expanded": a.nodes_expanded, "prm_traces": a.prm_traces, "prm_tokens": a.prm_tokens,
+        "wall_time_s": round(a.wall_time_s, 4), "worker": worker.name,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "text": result.text, "setup": plan.setup(item),
+    }
+
+
+async def run_items(plan: Plan, items: Sequence[Item], workers: Sequence[Any], scorer,
+                    store: ResultStore, concurrency: int = 8,
+                    on_record: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Evaluate `items` over `workers` (`concurrency` items in flight on each, taken from
+    one queue so that faster workers take more) and append each record to `store` as soon
+    as it is done. Returns the number recorded. The first failing item cancels the rest and
+    raises ItemFailedError; cancelling the call (Ctrl-C) keeps everything recorded so far."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if not workers:
+        raise ValueError("no workers")
+    queue: asyncio.Queue[Item] = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+    prompt_ids: dict[tuple[str, bool], list[int]] = {}
+    recorded = 0
+
+    async def lane(worker) -> None:
+        nonlocal recorded
+        while True:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            try:
+                record = await evaluate_item(plan, item, worker, scorer, prompt_ids)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                raise ItemFailedError(f"item {item.key} failed on {worker.name}: "
+                                      f"{type(e).__name__}: {e}") from e
+            store.append(record)
+            recorded += 1
+            if on_record is not None:
+                on_record(record)
+
+    lanes = [asyncio.create_task(lane(w)) for w in workers for _ in range(concurrency)]
+    try:
+        done, _ = await asyncio.wait(lanes, return_when=asyncio.FIRST_EXCEPTION)
+        for task_ in done:
+            if task_.exception() is not None:
+                raise task_.exception()
+    finally:
+        for task_ in lanes:
+            task_.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
+    return recorded
+
+
+# -- summary, table, plot ---------------------------------------------------------------------
+
+def summarize(plan: Plan, done: dict[Key, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (strategy, n, tier) of the plan over its recorded items: accuracy and
+    mean tokens per problem."""
+    rows = []
+    for strategy in plan.strategies:
+        for n in sorted(plan.ns):
+            for tier in plan.tiers:
+                keys = [(strategy, n, p.tier, p.index) for p in plan.problems if p.tier == tier]
+                records = [done[k] for k in keys if k in done]
+                count = len(records)
+
+                def mean(field: str) -> float:
+                    return sum(r[field] for r in records) / count if count else 0.0
+
+                rows.append({
+                    "strategy": strategy, "n": n, "tier": tier, "problems": len(keys),
+                    "done": count, "correct": sum(bool(r["correct"]) for r in records),
+                    "accuracy": sum(bool(r["correct"]) for r in records) / count if count else 0.0,
+                    "generated_tokens_per_problem": mean("generated_tokens"),
+                    "prm_tokens_per_problem": mean("prm_tokens"),
+                    "wall_s_per_problem": mean("wall_time_s"),
+                })
+    return rows
+
+
+def format_table(rows: Iterable[dict[str, Any]]) -> str:
+    head = (f"{'strategy':<14}{'n':>4}  {'tier':<10}{'done':>9}{'accuracy':>10}"
+            f"{'gen tok/prob':>14}{'prm tok/prob':>14}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['strategy']:<14}{r['n']:>4}  {r['tier']:<10}"
+                     f"{str(r['done']) + '/' + str(r['problems']):>9}{r['accuracy']:>10.1%}"
+                     f"{r['generated_tokens_per_problem']:>14.1f}{r['prm_tokens_per_problem']:>14.1f}")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_tokens(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Accuracy against generated tokens per problem: one line per (strategy, tier) over n;
+    colour = tier, marker = strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tiers = list(dict.fromkeys(r["tier"] for r in rows))
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^v<>ph*"
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    for ti, tier in enumerate(tiers):
+        for si, strategy in enumerate(strategies):
+            pts = sorted((r["n"], r["generated_tokens_per_problem"], 100 * r["accuracy"])
+                         for r in rows if r["tier"] == tier and r["strategy"] == strategy and r["done"])
+            if not pts:
+                continue
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker=markers[si % len(markers)],
+                    color=colours[ti % len(colours)], linestyle=["-", "--", ":", "-."][si % 4],
+                    label=f"{tier} / {strategy} (n={','.join(str(p[0]) for p in pts)})")
+    if any(r["generated_tokens_per_problem"] > 0 for r in rows):
+        ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per problem (log)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_summary(plan: Plan, store: ResultStore, extra: dict[str, Any]) -> dict[str, Any]:
+    rows = summarize(plan, store.done)
+    record = {**extra, "strategies": plan.strategies, "n": sorted(plan.ns), "tiers": plan.tiers,
+              "policy": plan.policy, "prm": plan.prm, "search": plan.search, "rows": rows}
+    path = store.directory / SUMMARY_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    plot_accuracy_vs_tokens(rows, store.directory / PLOT_FILE,
+                            f"accuracy vs compute ({len(plan.problems)} problems)")
+    return record
+
+
+# -- the CLI job ------------------------------------------------------------------------------
+
+def parse_delimiter(text: str | None) -> str | None:
+    """--step-delimiter with backslash escapes ("\\n\\n" -> two newlines)."""
+    if text is None:
+        return None
+    return codecs.decode(text, "unicode_escape")
+
+
+def prm_config_from(source: str | None):
+    """(identity, PRMConfig) of --prm-config (JSON text or a file), or of the shipped testbed
+    PRM; (None, None) when there is none."""
+    from ttc_vllm.prm.scorers import PRMConfig
+    from ttc_vllm.testbed import prm_path
+
+    if source is None:
+        if not (prm_path() / "config.json").exists():
+            return None, None
+        return TESTBED_PRM, PRMConfig.testbed()
+    try:
+        text = source if source.lstrip().startswith("{") else Path(source).read_text()
+        config = PRMConfig.model_validate(json.loads(text))
+    except OSError as e:
+        raise JobError(f"--prm-config: cannot read {source}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise JobError(f"--prm-config: not JSON ({e.msg})") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise JobError(f"--prm-config: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    identity = json.dumps(config.model_dump(mode="json", exclude={"engine_kwargs"}), sort_keys=True)
+    return identity, config
+
+
+def plan_from_args(args) -> tuple[Plan, Any]:
+    """The Plan and PRMConfig (or None) of parsed `job evaluate` arguments."""
+    if args.dataset is not None:
+        if args.tiers is not None:
+            raise JobError("give either --tiers or --dataset, not both")
+        problems = jsonl_problems(args.dataset, args.dataset_name or args.dataset.stem, args.problems)
+    else:
+        problems = testbed_problems(args.tiers or list(task.TIERS), args.problems or 100, args.seed)
+    search = {"temperature": args.temperature, "max_steps": args.max_steps,
+              "max_step_tokens": args.max_step_tokens, "beam_width": args.beam_width,
+              "aggregation": args.aggregation}
+    delimiter = parse_delimiter(args.step_delimiter)
+    if delimiter is not None:
+        search["step_delimiter"] = delimiter
+    needs_prm = any(s != "majority" for s in args.strategies)
+    prm_identity, prm_config = prm_config_from(args.prm_config) if needs_prm else (None, None)
+    plan = Plan(problems, args.strategies, args.n, search, policy=args.policy or TESTBED_POLICY,
+                prm=prm_identity, testbed_answers=args.dataset is None, chat=args.chat)
+    return plan, prm_config
+
+
+def _engine_overrides(args) -> dict[str, Any]:
+    if not args.engine_kwargs:
+        return {}
+    try:
+        value = json.loads(args.engine_kwargs)
+    except json.JSONDecodeError as e:
+        raise JobError(f"--engine-kwargs: not JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise JobError("--engine-kwargs: expected a JSON object of vllm.LLM arguments")
+    return value
+
+
+class _Progress:
+    def __init__(self, total: int, before: int, every_s: float = 10.0):
+        self.total, self.count, self.before = total, before, before
+        self.every_s = every_s
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.count == self.total:
+            self.last = now
+            rate = (self.count - self.before) / max(now - self.started, 1e-9) * 60
+            print(f"[{self.count}/{self.total}] items done ({rate:.1f}/min)", flush=True)
+
+
+def evaluate_main(args, argv: Sequence[str] | None = None) -> int:
+    """Run `ttc-vllm job evaluate` (parsed arguments from ttc_vllm.cli). Raises JobError or
+    replicas.ReplicaUnavailableError for bad arguments or an unusable cluster (the CLI makes
+    them one line and exit 2). Ctrl-C keeps every recorded item and returns 130."""
+    from ttc_vllm.jobs import replicas as rp
+
+    plan, prm_config = plan_from_args(args)
+    overrides = _engine_overrides(args)
+    try:
+        address = rp.resolve_address(args.address)
+    except ValueError as e:
+        raise JobError(str(e)) from None
+    rp.check_reachable(address)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with OutputLock(out):
+        store = ResultStore(out)
+        store.check(plan)
+        pending = store.pending(plan)
+        total = len(plan.items())
+        before = total - len(pending)
+        print(f"{total} items ({len(plan.strategies)} strategies x {len(plan.ns)} n x "
+              f"{len(plan.problems)} problems): {before} already in {store.path.resolve()}, "
+              f"{len(pending)} to run", flush=True)
+        if store.repaired_bytes:
+            print(f"dropped a torn last line ({store.repaired_bytes} bytes) of {store.path}")
+        if pending:
+            try:
+                _run_on_ray(args, plan, prm_config, overrides, address, store, pending,
+                            _Progress(total, before))
+            except (KeyboardInterrupt, ItemFailedError) as e:
+                cause = "interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
+                print(f"{cause}\n{len(store.pending(plan))} of {total} items left; "
+                      f"{total - len(store.pending(plan))} recorded in {store.path}. Rerun the "
+                      "same command to resume.", file=sys.stderr, flush=True)
+                return 130 if isinstance(e, KeyboardInterrupt) else 1
+        summary = write_summary(plan, store, {
+            "command": "ttc-vllm " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+            "items": total, "recorded_before_this_run": before,
+            "this_run_seconds": round(time.time() - started, 1)})
+    print(format_table(summary["rows"]))
+    print(f"wrote {out / SUMMARY_FILE}, {out / PLOT_FILE} and {store.path}")
+    return 0
+
+
+def _run_on_ray(args, plan: Plan, prm_config, overrides, address: str, store: ResultStore,
+                pending: list[Item], progress: _Progress) -> None:
+    import functools
+
+    from ttc_vllm.jobs import replicas as rp
+
+    owns_ray = rp.connect(address, num_cpus=args.num_cpus)
+    replicas = pool = None
+    try:
+        replica_options = {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus}
+        warning = rp.check_resources(args.policy_replicas, replica_options, fixed_cluster=owns_ray)
+        if warning:
+            print(f"warning: {warning}", flush=True)
+        print(f"starting {args.policy_replicas} policy replica(s) {replica_options}", flush=True)
+        replicas = rp.start_replicas(
+            args.policy_replicas,
+            functools.partial(rp.vllm_policy, args.policy, overrides, parse_delimiter(args.step_delimiter)),
+            actor_options=replica_options, ready_timeout_s=args.ready_timeout)
+        scorer = None
+        if any(plan.options(i.strategy, i.n).needs_scorer for i in pending):
+            from ttc_vllm.prm.pool import PRMPool
+            from ttc_vllm.prm.scorers import make_scorer
+
+            print(f"starting {args.prm_actors} PRM actor(s)", flush=True)
+            pool = scorer = PRMPool(args.prm_actors, functools.partial(make_scorer, prm_config),
+                                    max_batch=64, ready_timeout_s=args.ready_timeout,
+                                    actor_options={"num_cpus": args.prm_cpus, "num_gpus": args.prm_gpus})
+        asyncio.run(run_items(plan, pending, replicas.clients, scorer, store,
+                              concurrency=args.concurrency, on_record=progress))
+    finally:
+        if pool is not None:
+            pool.close()
+        if replicas is not None:
+            replicas.close()
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
