@@ -18,7 +18,6 @@ OUT/accuracy_vs_tokens.png.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import fcntl
 import hashlib
 import json
@@ -488,11 +487,16 @@ def write_summary(plan: Plan, store: ResultStore, extra: dict[str, Any]) -> dict
 
 # -- the CLI job ------------------------------------------------------------------------------
 
+_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r"}
+
+
 def parse_delimiter(text: str | None) -> str | None:
-    """--step-delimiter with backslash escapes ("\\n\\n" -> two newlines)."""
+    """--step-delimiter with \\n, \\t, \\r escapes ("\\n\\n" -> two newlines)."""
     if text is None:
         return None
-    return codecs.decode(text, "unicode_escape")
+    for escape, char in _ESCAPES.items():
+        text = text.replace(escape, char)
+    return text
 
 
 def prm_config_from(source: str | None):
@@ -623,7 +627,12 @@ def _run_on_ray(args, plan: Plan, prm_config, overrides, address: str, store: Re
     replicas = pool = None
     try:
         replica_options = {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus}
-        warning = rp.check_resources(args.policy_replicas, replica_options, fixed_cluster=owns_ray)
+        prm_options = {"num_cpus": args.prm_cpus, "num_gpus": args.prm_gpus}
+        needs_prm = any(plan.options(i.strategy, i.n).needs_scorer for i in pending)
+        groups = [("policy replica(s)", args.policy_replicas, replica_options)]
+        if needs_prm:
+            groups.append(("PRM actor(s)", args.prm_actors, prm_options))
+        warning = rp.check_resources(groups, fixed_cluster=owns_ray)
         if warning:
             print(f"warning: {warning}", flush=True)
         print(f"starting {args.policy_replicas} policy replica(s) {replica_options}", flush=True)
@@ -632,14 +641,14 @@ def _run_on_ray(args, plan: Plan, prm_config, overrides, address: str, store: Re
             functools.partial(rp.vllm_policy, args.policy, overrides, parse_delimiter(args.step_delimiter)),
             actor_options=replica_options, ready_timeout_s=args.ready_timeout)
         scorer = None
-        if any(plan.options(i.strategy, i.n).needs_scorer for i in pending):
+        if needs_prm:
             from ttc_vllm.prm.pool import PRMPool
             from ttc_vllm.prm.scorers import make_scorer
 
-            print(f"starting {args.prm_actors} PRM actor(s)", flush=True)
+            print(f"starting {args.prm_actors} PRM actor(s) {prm_options}", flush=True)
             pool = scorer = PRMPool(args.prm_actors, functools.partial(make_scorer, prm_config),
                                     max_batch=64, ready_timeout_s=args.ready_timeout,
-                                    actor_options={"num_cpus": args.prm_cpus, "num_gpus": args.prm_gpus})
+                                    actor_options=prm_options)
         asyncio.run(run_items(plan, pending, replicas.clients, scorer, store,
                               concurrency=args.concurrency, on_record=progress))
     finally:

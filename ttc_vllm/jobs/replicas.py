@@ -35,9 +35,10 @@ class TokenizingPolicy:
     chat template and the generation prompt.
     """
 
-    def __init__(self, generator, tokenizer):
+    def __init__(self, generator, tokenizer, on_close: Callable[[], None] | None = None):
         self.generator = generator
         self.tokenizer = tokenizer
+        self._on_close = on_close
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
         if chat:
@@ -58,6 +59,9 @@ class TokenizingPolicy:
         close = getattr(self.generator, "close", None)
         if close is not None:
             close()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
 
 
 @dataclass
@@ -172,7 +176,9 @@ def vllm_policy(model: str | None = None, engine_overrides: dict[str, Any] | Non
 
     llm = make_llm(model, **(engine_overrides or {}))
     generator = OfflineStepGenerator(llm, step_delimiter=step_delimiter or STEP_TAG)
-    return TokenizingPolicy(generator, llm.get_tokenizer())
+    # The engine core is a child process: stop it explicitly, a killed actor would orphan it.
+    return TokenizingPolicy(generator, llm.get_tokenizer(),
+                            on_close=lambda: llm.llm_engine.engine_core.shutdown())
 
 
 # -- Ray --------------------------------------------------------------------------------------
@@ -203,6 +209,9 @@ class PolicyReplica:
 
     def stats(self) -> dict[str, int]:
         return dict(self.generator.stats.__dict__)
+
+    def close(self) -> None:
+        self.policy.close()
 
 
 class ReplicaClient:
@@ -275,17 +284,20 @@ def connect(address: str, num_cpus: int | None = None, connect_timeout_s: float 
     return True
 
 
-def check_resources(replicas: int, options: dict[str, float], fixed_cluster: bool) -> str | None:
-    """A message when the cluster cannot host the replicas right now. On a fixed cluster
-    (the local one) that is an error; an autoscaling cluster may still add nodes."""
+def check_resources(groups: Sequence[tuple[str, int, dict[str, float]]],
+                    fixed_cluster: bool) -> str | None:
+    """A message when the cluster cannot host every group of actors -- (name, count, actor
+    options) -- right now. On a fixed cluster (the local one) that is an error; an
+    autoscaling cluster may still add nodes."""
     ray = _import_ray()
     total = ray.cluster_resources()
-    for resource, per_replica in (("CPU", options.get("num_cpus", 0)), ("GPU", options.get("num_gpus", 0))):
-        need = replicas * (per_replica or 0)
+    for resource, option in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        need = sum(count * (options.get(option) or 0) for _, count, options in groups)
         have = total.get(resource, 0)
         if need > have:
-            msg = (f"{replicas} policy replica(s) x {per_replica:g} {resource} need {need:g} "
-                   f"{resource}, the cluster has {have:g}")
+            parts = " + ".join(f"{count} {name} x {options.get(option) or 0:g}"
+                               for name, count, options in groups if options.get(option))
+            msg = f"{parts} need {need:g} {resource}, the cluster has {have:g}"
             if fixed_cluster:
                 raise ReplicaUnavailableError(msg)
             return msg + " (waiting for the autoscaler)"
@@ -303,8 +315,13 @@ class Replicas:
         ray = _import_ray()
         return ray.get([h.stats.remote() for h in self.handles])
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop each replica's engine, then its actor."""
         ray = _import_ray()
+        try:
+            ray.get([h.close.remote() for h in self.handles], timeout=timeout_s)
+        except Exception:  # a dead or stuck replica: killing the actor is all that is left
+            pass
         for handle in self.handles:
             try:
                 ray.kill(handle, no_restart=True)
