@@ -1,0 +1,716 @@
+"""Batch evaluation jobs: items and their bookkeeping, the resumable results file, merged
+engine calls, the `job` CLI, the deploy files; fake-policy replicas on a local Ray; one real
+run of the shipped testbed policy in a Ray replica."""
+import asyncio
+import json
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ttc_vllm.cli import build_parser, main
+from ttc_vllm.jobs.evaluate import (
+    RESULTS_FILE, Item, JobError, LocalWorker, OutputLock, Plan, ResultStore,
+    evaluate_item, format_table, jsonl_problems, run_items, summarize,
+)
+from ttc_vllm.jobs.evaluate import testbed_problems as tiers_problems  # not "test*": pytest would collect it
+from ttc_vllm.jobs.replicas import CoalescingGenerator, TokenizingPolicy, resolve_address
+from ttc_vllm.search import StepParams
+from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, load_testbed_tokenizer
+from ttc_vllm.testbed import task
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+TOK = load_testbed_tokenizer()
+
+
+def fake_policy(seed: int = 1) -> TokenizingPolicy:
+    return TokenizingPolicy(FakeArithmeticPolicy(seed=seed), TOK)
+
+
+def small_plan(**overrides) -> Plan:
+    """2 strategies x 2 n x (3 easy + 3 medium) = 24 items on the fake policy and PRM."""
+    values = dict(problems=tiers_problems(["easy", "medium"], 3, seed=0),
+                  strategies=["majority", "best_of_n"], ns=[2, 4], search={"temperature": 0.8},
+                  policy="fake-policy", prm="fake-prm")
+    values.update(overrides)
+    return Plan(**values)
+
+
+def lines_of(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / RESULTS_FILE).read_text().splitlines()]
+
+
+def outcome(record: dict) -> tuple:
+    """What must not depend on batching, interruption or worker: the search's answer."""
+    return (record["answer"], record["correct"], record["generated_tokens"], record["text"])
+
+
+# -- plan and items -------------------------------------------------------------------------
+
+def test_plan_items_cover_the_grid_once_grouped_by_strategy_and_n():
+    plan = small_plan()
+    items = plan.items()
+    assert len(items) == 2 * 2 * 6
+    assert len({i.key for i in items}) == len(items)
+    assert items[0].key == ("majority", 2, "easy", 0) and items[-1].key == ("best_of_n", 4, "medium", 2)
+    groups = [(i.strategy, i.n) for i in items]
+    # each (strategy, n) forms one contiguous run
+    assert [g for k, g in enumerate(groups) if k == 0 or groups[k - 1] != g] == \
+        [("majority", 2), ("majority", 4), ("best_of_n", 2), ("best_of_n", 4)]
+
+
+def test_testbed_problems_are_the_tier_generator():
+    problems = tiers_problems(["hard"], 4, seed=7)
+    expected = task.generate("hard", 4, 7)
+    assert [(p.tier, p.index) for p in problems] == [("hard", i) for i in range(4)]
+    assert [p.prompt for p in problems] == [task.prompt(q) for q in expected]
+    assert [p.answer for p in problems] == [str(q.answer) for q in expected]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"strategies": ["majority", "greedy"]}, "unknown strategy greedy"),
+    ({"ns": [4, 0]}, "positive"),
+    ({"strategies": ["beam"], "ns": [6]}, "beam_width (4) must divide n (6)"),
+    ({"strategies": ["best_of_n"], "prm": None}, "needs a PRM"),
+    ({"search": {"temperature": 7.0}}, "temperature"),
+])
+def test_plan_rejects_bad_grids(overrides, needle):
+    with pytest.raises(JobError) as e:
+        small_plan(**overrides)
+    assert needle in str(e.value)
+
+
+def test_majority_only_plans_need_no_prm():
+    plan = small_plan(strategies=["majority"], prm=None)
+    assert plan.setup(plan.items()[0])["prm"] is None
+
+
+def test_jsonl_dataset_rows_limit_and_errors(tmp_path):
+    good = tmp_path / "math.jsonl"
+    good.write_text('{"prompt": "1+1=", "answer": 2}\n\n{"prompt": "x", "answer": " a  b "}\n'
+                    '{"prompt": "y", "answer": "c"}\n')
+    rows = jsonl_problems(good, "math")
+    assert [(p.tier, p.index, p.prompt, p.answer) for p in rows] == \
+        [("math", 0, "1+1=", "2"), ("math", 1, "x", "a b"), ("math", 2, "y", "c")]
+    assert len(jsonl_problems(good, "math", limit=2)) == 2
+    for text, needle in [('{"prompt": "p"}\n', ":1: missing 'answer'"),
+                         ('{"answer": 1}\n', ":1: expected an object"),
+                         ('{"prompt": "p", "answer": 1}\nnot json\n', ":2: not JSON"),
+                         ("\n", "holds no rows")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        with pytest.raises(JobError, match=needle.replace("(", r"\(")):
+            jsonl_problems(bad, "bad")
+
+
+def test_prompts_encode_as_text_or_through_the_chat_template():
+    from transformers import AutoTokenizer
+
+    from ttc_vllm.testbed import policy_path
+
+    policy = TokenizingPolicy(None, AutoTokenizer.from_pretrained(str(policy_path())))
+    problem = task.generate("easy", 1, 0)[0]
+    raw = policy.encode(task.prompt(problem))
+    assert raw == TOK.encode(task.prompt(problem), add_special_tokens=False)
+    # the testbed chat template renders "<s>Q: {content}\n<think>": the same prompt
+    assert policy.encode(problem.question.removeprefix("Q: ").strip(), chat=True) == raw
+
+
+# -- the results file -------------------------------------------------------------------------
+
+def _record(strategy="majority", n=2, tier="easy", index=0, **extra):
+    return {"strategy": strategy, "n": n, "tier": tier, "index": index, "correct": True,
+            "generated_tokens": 10, "prm_tokens": 0, "wall_time_s": 0.1, **extra}
+
+
+def test_store_round_trip_and_first_record_wins(tmp_path):
+    store = ResultStore(tmp_path)
+    store.append(_record(index=0, answer="3"))
+    store.append(_record(index=1))
+    store.append(_record(index=0, answer="999"))  # a duplicate line must not replace the first
+    again = ResultStore(tmp_path)
+    assert set(again.done) == {("majority", 2, "easy", 0), ("majority", 2, "easy", 1)}
+    assert again.done[("majority", 2, "easy", 0)]["answer"] == "3"
+
+
+def test_store_drops_a_torn_last_line_and_appends_cleanly(tmp_path):
+    store = ResultStore(tmp_path)
+    store.append(_record(index=0))
+    full = (tmp_path / RESULTS_FILE).read_bytes()
+    with open(tmp_path / RESULTS_FILE, "ab") as f:  # a run killed in the middle of a write
+        f.write(json.dumps(_record(index=1)).encode()[:25])
+    reopened = ResultStore(tmp_path)
+    assert reopened.repaired_bytes == 25 and list(reopened.done) == [("majority", 2, "easy", 0)]
+    assert (tmp_path / RESULTS_FILE).read_bytes() == full
+    reopened.append(_record(index=1))
+    assert [r["index"] for r in lines_of(tmp_path)] == [0, 1]
+
+
+def test_store_refuses_a_corrupt_line_in_the_middle(tmp_path):
+    (tmp_path / RESULTS_FILE).write_text(json.dumps(_record()) + "\n{oops\n" + json.dumps(_record(index=1)) + "\n")
+    with pytest.raises(JobError, match=":2: not a result record"):
+        ResultStore(tmp_path)
+
+
+def test_records_made_with_other_settings_are_refused(tmp_path):
+    plan = small_plan()
+    store = ResultStore(tmp_path)
+    item = plan.items()[0]
+    store.append(_record(*item.key, setup=plan.setup(item)))
+    store.check(plan)  # same settings: fine
+    with pytest.raises(JobError, match=r"options\.temperature \(0\.8 there, 1\.0 now\)"):
+        store.check(small_plan(search={"temperature": 1.0}))
+    with pytest.raises(JobError, match="policy"):
+        store.check(small_plan(policy="another-model"))
+    other = tiers_problems(["easy", "medium"], 3, seed=1)  # other problems under the same keys
+    with pytest.raises(JobError, match="problem_sha"):
+        store.check(small_plan(problems=other))
+
+
+def test_one_writer_per_output_directory(tmp_path):
+    with OutputLock(tmp_path):
+        with pytest.raises(JobError, match="another evaluation is writing"):
+            with OutputLock(tmp_path):
+                pass
+    with OutputLock(tmp_path):  # released
+        pass
+
+
+# -- merged engine calls --------------------------------------------------------------------
+
+class RecordingPolicy(FakeArithmeticPolicy):
+    """The fake policy, counting calls and their sizes (it is batch-independent, so merged
+    calls must give every caller exactly what a call of its own would)."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__(seed=3)
+        self.sizes: list[tuple[str, int, int]] = []
+        self.fail = fail
+
+    async def complete(self, prefixes, n, params):
+        self.sizes.append(("complete", len(prefixes), n))
+        await asyncio.sleep(0.01)  # an engine call takes time: later calls queue meanwhile
+        if self.fail:
+            raise RuntimeError("engine died")
+        return await super().complete(prefixes, n, params)
+
+    async def generate_steps(self, prefixes, n, params):
+        self.sizes.append(("generate_steps", len(prefixes), n))
+        await asyncio.sleep(0.01)
+        return await super().generate_steps(prefixes, n, params)
+
+
+def _prompts(k, tier="medium"):
+    return [TOK.encode(task.prompt(p), add_special_tokens=False) for p in task.generate(tier, k, 4)]
+
+
+def test_coalescing_merges_equal_calls_and_keeps_each_callers_rows():
+    prompts = _prompts(7)
+    params = StepParams(max_tokens=300)
+    inner = RecordingPolicy()
+    merged = CoalescingGenerator(inner, max_prefixes=4)
+
+    async def run():
+        calls = [merged.complete([p], 2, params) for p in prompts[:5]]  # 5 prefixes, max 4 per call
+        calls.append(merged.complete(prompts[5:7], 3, params))  # another n: its own call
+        calls.append(merged.generate_steps(prompts[:2], 2, params))  # another kind: its own call
+        return await asyncio.gather(*calls)
+
+    results = asyncio.run(run())
+    assert inner.sizes == [("complete", 4, 2), ("complete", 1, 2), ("complete", 2, 3),
+                           ("generate_steps", 2, 2)]
+    assert (merged.stats.calls, merged.stats.engine_calls, merged.stats.largest_call) == (7, 4, 4)
+    direct = FakeArithmeticPolicy(seed=3)
+    for p, got in zip(prompts[:5], results[:5]):
+        assert got == asyncio.run(direct.complete([p], 2, params))
+    assert results[5] == asyncio.run(direct.complete(prompts[5:7], 3, params))
+    assert results[6] == asyncio.run(direct.generate_steps(prompts[:2], 2, params))
+
+
+def test_coalescing_calls_made_while_the_engine_is_busy_join_the_next_call():
+    prompts = _prompts(6)
+    params = StepParams(max_tokens=300)
+    inner = RecordingPolicy()
+    merged = CoalescingGenerator(inner)
+
+    async def run():
+        first = asyncio.ensure_future(merged.complete(prompts[:1], 2, params))
+        await asyncio.sleep(0.002)  # the engine is busy with the first call now
+        rest = [merged.complete([p], 2, params) for p in prompts[1:]]
+        return await asyncio.gather(first, *rest)
+
+    asyncio.run(run())
+    assert inner.sizes == [("complete", 1, 2), ("complete", 5, 2)]
+
+
+def test_coalescing_error_reaches_every_caller_of_the_merged_call():
+    merged = CoalescingGenerator(RecordingPolicy(fail=True))
+
+    async def run():
+        return await asyncio.gather(*(merged.complete([p], 1, StepParams()) for p in _prompts(3)),
+                                    return_exceptions=True)
+
+    errors = asyncio.run(run())
+    assert all(isinstance(e, RuntimeError) and "engine died" in str(e) for e in errors)
+
+
+# -- running and resuming (fakes, no Ray) ----------------------------------------------------
+
+def _workers(count=2):
+    return [LocalWorker(TokenizingPolicy(CoalescingGenerator(FakeArithmeticPolicy(seed=1)), TOK), f"w{i}")
+            for i in range(count)]
+
+
+def test_item_record_matches_a_direct_search():
+    from ttc_vllm.search import SearchOptions, run_search
+
+    plan = small_plan()
+    item = Item("best_of_n", 4, plan.problems[4])
+    record = asyncio.run(evaluate_item(plan, item, LocalWorker(fake_policy()), FakeArithmeticPRM(), {}))
+    ids = TOK.encode(item.problem.prompt, add_special_tokens=False)
+    direct = asyncio.run(run_search(ids, FakeArithmeticPolicy(seed=1), FakeArithmeticPRM(),
+                                    SearchOptions(strategy="best_of_n", n=4, temperature=0.8),
+                                    task.extract_answer))
+    assert (record["answer"], record["text"]) == (direct.answer, direct.text)
+    assert record["correct"] == (direct.answer == item.problem.answer)
+    assert record["generated_tokens"] == direct.accounting.generated_tokens > 0
+    assert record["prm_traces"] == 4 and record["worker"] == "local"
+    assert record["setup"] == plan.setup(item)
+
+
+def test_interrupted_run_resumes_without_duplicates_and_matches_an_uninterrupted_run(tmp_path):
+    plan = small_plan()
+    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+    reference_dir.mkdir(), resumed_dir.mkdir()
+    reference = ResultStore(reference_dir)
+    asyncio.run(run_items(plan, reference.pending(plan), _workers(), FakeArithmeticPRM(), reference,
+                          concurrency=3))
+    assert len(reference.done) == 24
+
+    store = ResultStore(resumed_dir)
+
+    async def interrupted():
+        task_ = asyncio.current_task()
+        seen = []
+
+        def stop_after_seven(record):
+            seen.append(record)
+            if len(seen) == 7:
+                task_.cancel()  # what Ctrl-C does to asyncio.run's main task
+
+        await run_items(plan, store.pending(plan), _workers(), FakeArithmeticPRM(), store,
+                        concurrency=3, on_record=stop_after_seven)
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(interrupted())
+    # items that finished in the same engine call as the seventh are recorded too
+    saved = len(lines_of(resumed_dir))
+    assert 7 <= saved < 24
+
+    again = ResultStore(resumed_dir)
+    pending = again.pending(plan)
+    assert len(pending) == 24 - saved and not {i.key for i in pending} & set(again.done)
+    assert asyncio.run(run_items(plan, pending, _workers(), FakeArithmeticPRM(), again,
+                                 concurrency=3)) == 24 - saved
+    records = lines_of(resumed_dir)
+    keys = [(r["strategy"], r["n"], r["tier"], r["index"]) for r in records]
+    assert len(keys) == len(set(keys)) == 24
+    assert {k: outcome(r) for k, r in zip(keys, records)} == \
+        {k: outcome(r) for k, r in reference.done.items()}
+    assert ResultStore(resumed_dir).pending(plan) == []
+
+
+def test_a_failing_item_stops_the_run_and_keeps_what_was_recorded(tmp_path):
+    plan = small_plan(strategies=["majority"], ns=[2])
+
+    question = task.generate("medium", 3, 0)[1].question  # the item ("majority", 2, "medium", 1)
+
+    class Broken(FakeArithmeticPolicy):
+        async def complete(self, prefixes, n, params):
+            if any(question in TOK.decode(p) for p in prefixes):
+                raise RuntimeError("boom")
+            return await super().complete(prefixes, n, params)
+
+    store = ResultStore(tmp_path)
+    worker = LocalWorker(TokenizingPolicy(Broken(seed=1), TOK))
+    from ttc_vllm.jobs.evaluate import ItemFailedError
+
+    with pytest.raises(ItemFailedError, match=r"\('majority', 2, 'medium', 1\) failed on local: RuntimeError: boom"):
+        asyncio.run(run_items(plan, plan.items(), [worker], None, store, concurrency=1))
+    assert [r["index"] for r in lines_of(tmp_path)] == [0, 1, 2, 0]  # everything before it
+
+
+KILL_SCRIPT = """
+import asyncio, sys
+sys.path.insert(0, {tests!r})
+from test_jobs import small_plan, TOK
+from ttc_vllm.jobs.evaluate import LocalWorker, ResultStore, run_items
+from ttc_vllm.jobs.replicas import TokenizingPolicy
+from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM
+
+class Slow(FakeArithmeticPolicy):
+    async def complete(self, prefixes, n, params):
+        await asyncio.sleep(0.15)
+        return await super().complete(prefixes, n, params)
+
+plan = small_plan()
+store = ResultStore(sys.argv[1])
+worker = LocalWorker(TokenizingPolicy(Slow(seed=1), TOK))
+asyncio.run(run_items(plan, store.pending(plan), [worker], FakeArithmeticPRM(), store, concurrency=1))
+"""
+
+
+def test_a_killed_run_loses_nothing_it_recorded(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(tests=str(ROOT / "tests")), str(tmp_path)],
+                            cwd=ROOT)
+    results = tmp_path / RESULTS_FILE
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if results.exists() and results.read_text().count("\n") >= 4:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    recorded = ResultStore(tmp_path)
+    assert 4 <= len(recorded.done) < 24
+    plan = small_plan()
+    asyncio.run(run_items(plan, recorded.pending(plan), _workers(1), FakeArithmeticPRM(), recorded))
+    keys = [(r["strategy"], r["n"], r["tier"], r["index"]) for r in lines_of(tmp_path)]
+    assert len(keys) == len(set(keys)) == 24
+
+
+def test_summary_and_table_by_hand():
+    plan = small_plan(strategies=["majority"], ns=[2], problems=tiers_problems(["easy"], 2, 0))
+    done = {("majority", 2, "easy", 0): _record(index=0, correct=True, generated_tokens=10, prm_tokens=0),
+            ("majority", 2, "easy", 1): _record(index=1, correct=False, generated_tokens=30, prm_tokens=4)}
+    [row] = summarize(plan, done)
+    assert (row["done"], row["problems"], row["correct"], row["accuracy"]) == (2, 2, 1, 0.5)
+    assert (row["generated_tokens_per_problem"], row["prm_tokens_per_problem"]) == (20.0, 2.0)
+    table = format_table([row]).splitlines()
+    assert table[2].split() == ["majority", "2", "easy", "2/2", "50.0%", "20.0", "2.0"]
+    [partial] = summarize(plan, {k: v for k, v in done.items() if k[3] == 1})
+    assert (partial["done"], partial["accuracy"]) == (1, 0.0)
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def bad_dataset(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("{not json\n")
+    return path
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--strategies", "majority,greedy"], "unknown strategy greedy"),
+    (["--n", "4,0"], "positive integers"),
+    (["--n", "four"], "positive integers"),
+    (["--tiers", "easy,extreme"], "unknown tier extreme"),
+    (["--dataset", "/definitely/not/here.jsonl"], "not a readable file"),
+    (["--dataset", "BAD"], "bad.jsonl:1: not JSON"),
+    (["--dataset", "BAD", "--tiers", "easy"], "either --tiers or --dataset"),
+    (["--strategies", "beam", "--n", "6"], "beam_width (4) must divide n (6)"),
+    (["--strategies", "beam", "--prm-config", "/nope.json"], "cannot read /nope.json"),
+    (["--address", "http://127.0.0.1:8265"], "job-submission address"),
+    (["--address", "127.0.0.1:PORT"], "cannot reach the Ray cluster"),
+    (["--engine-kwargs", "[1]"], "expected a JSON object"),
+    (["--policy-replicas", "0"], "positive integer"),
+])
+def test_job_evaluate_bad_arguments_one_line_exit_2(extra, needle, tmp_path, bad_dataset, capsys):
+    extra = [str(bad_dataset) if a == "BAD" else a.replace("PORT", str(_closed_port())) for a in extra]
+    base = ["job", "evaluate", "--out", str(tmp_path / "out")]
+    if "--tiers" not in extra and "--dataset" not in extra:
+        base += ["--tiers", "easy", "--problems", "2"]
+    start = time.monotonic()
+    try:
+        code = main(base + extra)
+    except SystemExit as e:  # argparse's own errors exit from the parser
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert time.monotonic() - start < 10  # probes fail fast, nothing waits on Ray
+
+
+def test_job_evaluate_with_everything_done_needs_no_ray_and_rewrites_the_summary(tmp_path, capsys):
+    plan = small_plan(strategies=["majority"], ns=[2], problems=tiers_problems(["easy"], 2, 10_000),
+                      policy="testbed-policy", prm=None)
+    store = ResultStore(tmp_path)
+    for item in plan.items():
+        store.append(_record(*item.key, correct=item.problem.index == 0, setup=plan.setup(item)))
+    code = main(["job", "evaluate", "--tiers", "easy", "--problems", "2", "--strategies", "majority",
+                 "--n", "2", "--out", str(tmp_path), "--address", "127.0.0.1:1"])  # never contacted
+    out = capsys.readouterr()
+    assert code == 2 and "cannot reach" in out.err  # an unreachable address is refused up front
+    code = main(["job", "evaluate", "--tiers", "easy", "--problems", "2", "--strategies", "majority",
+                 "--n", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "2 already in" in out and "0 to run" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["done"], r["accuracy"]) for r in summary["rows"]] == [(2, 0.5)]
+    assert (tmp_path / "accuracy_vs_tokens.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["job", "prm-data", "--help"], "--rollouts"),
+    (["testbed", "train-prm", "--help"], "--labels"),
+])
+def test_pass_through_subcommands(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and needle in capsys.readouterr().out
+
+
+def test_step_delimiter_escapes_reach_the_search_options():
+    args = build_parser().parse_args(["job", "evaluate", "--out", "/tmp/x", "--dataset", __file__,
+                                      "--step-delimiter", r"\n\n"])
+    assert args.step_delimiter == r"\n\n"
+    from ttc_vllm.jobs.evaluate import parse_delimiter
+
+    assert parse_delimiter(r"\n\n") == "\n\n" and parse_delimiter("<extra_0>") == "<extra_0>"
+
+
+def test_address_resolution():
+    assert resolve_address(None, {}) == "local"
+    assert resolve_address(None, {"RAY_ADDRESS": "http://127.0.0.1:8265"}) == "auto"  # inside `ray job submit`
+    assert resolve_address("ray://head:10001", {}) == "ray://head:10001"
+    with pytest.raises(ValueError, match="dashboard"):
+        resolve_address("http://head:8265", {})
+
+
+# -- deploy files ---------------------------------------------------------------------------
+
+def _deploy_yaml_files():
+    return sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def _strings_and_lists(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _strings_and_lists(value)
+    elif isinstance(node, list):
+        yield node
+        for value in node:
+            yield from _strings_and_lists(value)
+    elif isinstance(node, str):
+        yield node
+
+
+def ttc_commands(doc) -> list[list[str]]:
+    """Every `ttc-vllm ...` command a YAML document runs: argv lists starting with ttc-vllm,
+    and shell strings (segments split at && ; and newlines)."""
+    commands = []
+    for node in _strings_and_lists(doc):
+        if isinstance(node, list):
+            if len(node) > 1 and node[0] == "ttc-vllm":  # (a one-item list is a name: depends_on)
+                commands.append([str(a) for a in node[1:]])
+            continue
+        for line in node.replace("&&", "\n").replace(";", "\n").splitlines():
+            words = shlex.split(line, comments=True) if "ttc-vllm " in line else []
+            if words and words[0] == "ttc-vllm":
+                commands.append(words[1:])
+    return commands
+
+
+def _load_all(path):
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def test_every_deploy_file_is_valid_yaml():
+    files = _deploy_yaml_files()
+    names = {p.relative_to(DEPLOY).as_posix() for p in files}
+    assert {"kuberay/rayjob-evaluate.yaml", "kubernetes/serve.yaml", "ray-cluster.yaml",
+            "docker-compose.yaml", "prometheus.yml"} <= names
+    for path in files:
+        assert _load_all(path), f"{path} is empty"
+
+
+def test_deploy_commands_are_accepted_by_the_cli(tmp_path):
+    runs = {}
+    for path in _deploy_yaml_files():
+        for doc in _load_all(path):
+            for argv in ttc_commands(doc):
+                runs.setdefault(path.relative_to(DEPLOY).as_posix(), []).append(argv)
+    assert [a[:2] for a in runs["kuberay/rayjob-evaluate.yaml"]] == [["job", "evaluate"]]
+    assert [a[:1] for a in runs["kubernetes/serve.yaml"]] == [["serve"]]
+    assert [a[:1] for a in runs["docker-compose.yaml"]] == [["serve"]]
+    for argv in (a for commands in runs.values() for a in commands):
+        if argv[0] == "serve":
+            _check_serve_args(argv[1:])
+            continue
+        # --out points into the cluster's volume; the parser checks that it is writable here
+        argv = [str(tmp_path) if k and argv[k - 1] == "--out" else a for k, a in enumerate(argv)]
+        args = build_parser().parse_args(argv)
+        plan_args = vars(args)
+        assert plan_args["strategies"] and plan_args["n"]
+    rayjob = _load_all(DEPLOY / "kuberay/rayjob-evaluate.yaml")[0]
+    assert "ttc-vllm[gpu,ray]" in rayjob["spec"]["runtimeEnvYAML"]
+    groups = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert any(c["resources"]["limits"].get("nvidia.com/gpu")
+               for g in groups for c in g["template"]["spec"]["containers"])
+
+
+def _check_serve_args(argv):
+    """`ttc-vllm serve` takes `vllm serve`'s arguments: parse them with vLLM's own parser."""
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    assert args.model_tag or args.model
+
+
+def test_prometheus_and_grafana_point_at_the_compose_services():
+    compose = _load_all(DEPLOY / "docker-compose.yaml")[0]
+    services = compose["services"]
+    prometheus = _load_all(DEPLOY / "prometheus.yml")[0]
+    targets = [t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    for target in targets:
+        host, port = target.rsplit(":", 1)
+        assert host in services, f"prometheus scrapes {host}, not a compose service"
+        [serve] = ttc_commands(services[host])
+        assert serve[serve.index("--port") + 1] == port
+    mounted = [v.split(":")[0] for v in services["prometheus"]["volumes"]]
+    assert "./prometheus.yml" in mounted
+    datasource = _load_all(DEPLOY / "grafana/datasources.yaml")[0]["datasources"][0]
+    host = datasource["url"].split("//")[1].split(":")[0]
+    assert host in services
+    for volume in services["grafana"]["volumes"]:
+        source = volume.split(":")[0]
+        assert (DEPLOY / source).exists(), f"grafana mounts {source}, which is missing"
+
+
+# -- Ray ------------------------------------------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_testbed_policy_in_a_ray_replica_majority_of_4(tmp_path, capsys):
+    """The real thing, small: `ttc-vllm job evaluate` on a local Ray, one replica hosting the
+    shipped testbed policy in vLLM, 6 easy problems, majority@4."""
+    pytest.importorskip("ray")
+    import ray as ray_
+
+    argv = ["job", "evaluate", "--tiers", "easy", "--problems", "6", "--strategies", "majority",
+            "--n", "4", "--out", str(tmp_path), "--num-cpus", "2", "--replica-cpus", "1",
+            "--engine-kwargs", json.dumps({"kv_cache_memory_bytes": 256 << 20, "max_num_seqs": 64})]
+    assert main(argv) == 0
+    assert not ray_.is_initialized()  # the job started Ray and shut it down
+    out = capsys.readouterr().out
+    records = lines_of(tmp_path)
+    assert sorted(r["index"] for r in records) == list(range(6))
+    assert all(r["worker"] == "replica-0" and r["generated_tokens"] > 0 for r in records)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    [row] = summary["rows"]
+    assert row["done"] == 6 and row["accuracy"] >= 0.8, out
+    assert "majority" in out and "6/6" in out
+    # a rerun finds everything done: no engine, no new lines
+    assert main(argv) == 0
+    assert len(lines_of(tmp_path)) == 6 and "0 to run" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the fake-replica tests (after the engine test, which starts and stops
+    its own through the CLI)."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_fake_replicas_share_the_items_and_resume_after_an_interruption(local_ray, tmp_path):
+    from ttc_vllm.jobs.replicas import start_replicas
+    from ttc_vllm.prm.pool import PRMPool
+
+    def factory():  # local: pickled by value, the Ray workers need no test module
+        from ttc_vllm.jobs.replicas import TokenizingPolicy
+        from ttc_vllm.search.fakes import FakeArithmeticPolicy, load_testbed_tokenizer
+
+        return TokenizingPolicy(FakeArithmeticPolicy(seed=1), load_testbed_tokenizer())
+
+    plan = small_plan()
+    replicas = start_replicas(2, factory, actor_options={"num_cpus": 0.5})
+    pool = PRMPool(1, FakeArithmeticPRM, actor_options={"num_cpus": 0.5})
+    try:
+        assert len(set(local_ray.get([h.ready.remote() for h in replicas.handles]))) == 2  # two processes
+        store = ResultStore(tmp_path)
+
+        async def interrupted():
+            task_ = asyncio.current_task()
+            count = 0
+
+            def stop_after_five(record):
+                nonlocal count
+                count += 1
+                if count == 5:
+                    task_.cancel()
+
+            await run_items(plan, store.pending(plan), replicas.clients, pool, store, concurrency=2,
+                            on_record=stop_after_five)
+
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(interrupted())
+        assert 5 <= len(lines_of(tmp_path)) < 24
+
+        again = ResultStore(tmp_path)
+        asyncio.run(run_items(plan, again.pending(plan), replicas.clients, pool, again, concurrency=2))
+        records = lines_of(tmp_path)
+        keys = [(r["strategy"], r["n"], r["tier"], r["index"]) for r in records]
+        assert len(keys) == len(set(keys)) == 24
+        workers = [r["worker"] for r in records]
+        assert {"replica-0", "replica-1"} == set(workers)
+        assert min(workers.count("replica-0"), workers.count("replica-1")) >= 6
+        # the remote run decides exactly what an in-process run of the same fakes decides
+        local = ResultStore(tmp_path / "local")
+        asyncio.run(run_items(plan, plan.items(), _workers(1), FakeArithmeticPRM(), local))
+        assert {k: outcome(r) for k, r in zip(keys, records)} == {k: outcome(r) for k, r in local.done.items()}
+        stats = replicas.stats()
+        assert sum(s["calls"] for s in stats) > sum(s["engine_calls"] for s in stats)  # calls merged
+    finally:
+        pool.close()
+        replicas.close()
+
+
+@pytest.mark.ray
+def test_replica_that_cannot_start_is_a_clear_error(local_ray):
+    from ttc_vllm.jobs.replicas import ReplicaUnavailableError, start_replicas
+
+    def broken():
+        raise OSError("policy weights not found")
+
+    with pytest.raises(ReplicaUnavailableError, match="policy weights not found"):
+        start_replicas(1, broken, actor_options={"num_cpus": 0.5}, max_restarts=0, ready_timeout_s=60)
+
+
+@pytest.mark.ray
+def test_local_cluster_too_small_for_the_replicas_is_refused(local_ray):
+    from ttc_vllm.jobs.replicas import ReplicaUnavailableError, check_resources
+
+    policy = ("policy replica(s)", 1, {"num_cpus": 1, "num_gpus": 0})
+    assert check_resources([policy, ("PRM actor(s)", 1, {"num_cpus": 1})], fixed_cluster=True) is None
+    with pytest.raises(ReplicaUnavailableError,
+                       match=r"1 policy replica\(s\) x 1 \+ 2 PRM actor\(s\) x 1 need 3 CPU, the cluster has 2"):
+        check_resources([policy, ("PRM actor(s)", 2, {"num_cpus": 1})], fixed_cluster=True)
+    with pytest.raises(ReplicaUnavailableError, match="need 1 GPU, the cluster has 0"):
+        check_resources([("policy replica(s)", 1, {"num_cpus": 0.5, "num_gpus": 1})], fixed_cluster=True)
+    assert "autoscaler" in check_resources([("policy replica(s)", 3, {"num_cpus": 1})], fixed_cluster=False)
