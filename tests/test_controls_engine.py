@@ -56,7 +56,7 @@ def test_random_budgets_never_exceeded(llm, ids):
     for text in prompts(24):
         cap = rng.randint(0, 60)
         reqs.append((text, cap, sampling({"max_think": cap}, n=rng.choice([1, 2, 3]), temperature=1.0,
-                                         max_tokens=cap + 40, seed=rng.randint(0, 10**6),
+                                         max_tokens=cap + 40,
                                          logit_bias={ids["eos"]: -100.0})))
     outs = llm.generate([r[0] for r in reqs], [r[2] for r in reqs], use_tqdm=False)
     conc, forced = ids["conclusion"], 0
@@ -78,9 +78,9 @@ def test_random_budgets_never_exceeded(llm, ids):
 
 def test_answer_reserve_keeps_room_for_the_answer(llm, ids):
     reserve = 12
-    params = sampling({"answer_reserve": reserve}, temperature=1.0, max_tokens=50, seed=1,
+    params = sampling({"answer_reserve": reserve}, temperature=1.0, max_tokens=50,
                       logit_bias={ids["eos"]: -100.0})
-    for out in llm.generate(prompts(4, seed=1), params, use_tqdm=False):
+    for out in llm.generate(prompts(4), params, use_tqdm=False):
         tids = list(out.outputs[0].token_ids)
         assert ids["end"] in tids and tids.index(ids["end"]) <= 50 - reserve - 1
 
@@ -88,13 +88,14 @@ def test_answer_reserve_keeps_room_for_the_answer(llm, ids):
 def test_min_think_never_closes_early(llm, ids):
     rng = random.Random(1)
     reqs = []
-    for text in prompts(12, seed=2):
-        floor = rng.randint(5, 40)
-        # The bias makes the model try to end thinking (and stop) right away.
+    # Easy problems: the model wants to close thinking after ~30 tokens, below every floor,
+    # so it tries to stop and the continuation must be injected.
+    easy = [prompt(p) for p in generate("easy", 12, 2)]
+    for text in easy:
+        floor = rng.randint(45, 90)
         reqs.append((floor, sampling({"min_think": floor, "max_extensions": 3}, temperature=1.0,
-                                     max_tokens=120, n=rng.choice([1, 2]), seed=rng.randint(0, 10**6),
-                                     logit_bias={ids["end"]: 8.0, ids["eos"]: 6.0})))
-    outs = llm.generate(prompts(12, seed=2), [r[1] for r in reqs], use_tqdm=False)
+                                     max_tokens=200, n=rng.choice([1, 2]))))
+    outs = llm.generate(easy, [r[1] for r in reqs], use_tqdm=False)
     injected = 0
     for (floor, _), out in zip(reqs, outs):
         for o in out.outputs:
@@ -105,15 +106,15 @@ def test_min_think_never_closes_early(llm, ids):
 
 
 def test_effort_none_and_halting_end_to_end(llm, ids):
-    none = sampling({"reasoning_effort": "none"}, temperature=1.0, max_tokens=20, seed=3)
+    none = sampling({"reasoning_effort": "none"}, temperature=1.0, max_tokens=20)
     # tau=0 on a confidence >= 0: halts as soon as min_tokens thinking tokens exist.
     halt = sampling({"halting": {"signal": "token_confidence", "threshold": 0.0, "min_tokens": 7,
-                                 "window": 4}}, temperature=1.0, max_tokens=80, seed=4,
+                                 "window": 4}}, temperature=1.0, max_tokens=80,
                     logit_bias={ids["end"]: -100.0, ids["eos"]: -100.0})
     stop = sampling({"halting": {"signal": "entropy", "threshold": -1e-9, "direction": "below",
-                                 "action": "stop", "min_tokens": 5}}, temperature=1.0, max_tokens=80, seed=5,
+                                 "action": "stop", "min_tokens": 5}}, temperature=1.0, max_tokens=80,
                     logit_bias={ids["eos"]: -100.0})
-    o_none, o_halt, o_stop = llm.generate(prompts(3, seed=3), [none, halt, stop], use_tqdm=False)
+    o_none, o_halt, o_stop = llm.generate(prompts(3), [none, halt, stop], use_tqdm=False)
     assert list(o_none.outputs[0].token_ids)[0] == ids["end"]
     block = first_block(list(o_halt.outputs[0].token_ids), ids["end"])
     assert block[7:] == ids["conclusion"] and ids["end"] in o_halt.outputs[0].token_ids

@@ -205,8 +205,12 @@ def test_bad_n_is_rejected():
 
 @pytest.mark.engine
 def test_real_engine_steps_hit_the_prefix_cache(llm):
-    gen = OfflineStepGenerator(llm, seed=0)
-    prompt = TOK.encode(task.prompt(task.Problem((12, 7, 30, 5))), add_special_tokens=False)
+    gen = OfflineStepGenerator(llm)
+    # A prompt longer than one KV block: only full blocks are cached.
+    block = llm.llm_engine.vllm_config.cache_config.block_size
+    prompt = TOK.encode(task.prompt(task.Problem((812, 407, 695, 333, 904, 518, 276, 649))),
+                        add_special_tokens=False)
+    assert len(prompt) > block
     params = StepParams(temperature=1.0, max_tokens=48, confidence=True)
     [children] = run(gen.generate_steps([prompt], 4, params))
     assert len(children) == 4
@@ -218,7 +222,7 @@ def test_real_engine_steps_hit_the_prefix_cache(llm):
     parents = [prompt + list(s.token_ids) for s in children if not s.finished]
     grand = run(gen.generate_steps(parents, 2, params))
     cached = [g[0].cached_prompt_tokens for g in grand]
-    assert all(c >= 16 for c in cached), cached  # at least the first 16-token block
+    assert all(c >= block for c in cached), cached  # at least the first full block
     # complete(): the steps concatenate to one continuation and non-final ones end in the tag
     [[c]] = run(gen.complete([prompt], 1, StepParams(temperature=0.0, max_tokens=200)))
     assert all(s.token_ids[-1] == STEP_ID for s in c[:-1])

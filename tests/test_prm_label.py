@@ -114,7 +114,7 @@ def test_training_problems_and_tiers():
 def test_labels_from_the_real_policy(llm):
     from ttc_vllm.engine_offline import OfflineStepGenerator
 
-    gen = OfflineStepGenerator(llm, seed=0)
+    gen = OfflineStepGenerator(llm)
     problems = training_problems({"medium": 2}, seed=0)
     stats = {}
     rows = asyncio.run(mc_label(gen, lbl.TestbedLabelTask(llm.get_tokenizer()), problems, 2, 3,
