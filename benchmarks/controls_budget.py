@@ -1,14 +1,16 @@
 """Accuracy versus thinking budget (`max_think`) per testbed tier, through real vLLM.
 
     python benchmarks/controls_budget.py [--problems 100] [--budgets 0,8,16,32,48,64,96,112,128,160,192,224,256,none]
-                                         [--conclusions none,default] [--model DIR]
+                                         [--conclusions none,step,default] [--model DIR]
 
 Greedy decoding on the held-out evaluation slice. Every (budget, conclusion) arm runs in one
 `generate` call on one engine, so the arms are measured side by side. "none" is a plain request
-(no TTC options): the uncapped policy. Conclusions: "none" ends thinking with a bare `</think>`
-when the budget is hit; "default" first forces the options' default phrase
-("\\nTime is up, concluding.", 24 tokens with the testbed's byte-level tokenizer), which counts
-as thinking and so leaves less free thinking under the same cap.
+(no TTC options): the uncapped policy. Conclusions (the `conclusion` option, forced before
+`</think>` when the budget is hit; it counts as thinking): "none" = a bare `</think>`;
+"step" = "<step>\\n", which closes the current step line first, the testbed's own format (a cut
+in mid-line otherwise leaves the model out of distribution); "default" = the options' default
+phrase ("\\nTime is up, concluding.", 24 tokens with the testbed's byte-level tokenizer), which
+leaves less free thinking under the same cap.
 
 Per cell: accuracy, mean thinking tokens (all thinking blocks), share of traces the cap cut
 (ended by the forced `</think>`), and the number of requests whose thinking exceeded their
@@ -20,6 +22,10 @@ import argparse
 import time
 
 import controls_common as cc
+
+
+# Conclusion modes: the text forced before `</think>` (None: nothing); "default" is the options' default.
+CONCLUSIONS: dict[str, str | None] = {"none": None, "step": "<step>\n", "default": None}
 
 
 def parse_budgets(text: str) -> list[int | None]:
@@ -40,8 +46,8 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=100, help="problems per tier")
     ap.add_argument("--tiers", default=",".join(cc.TIERS))
     ap.add_argument("--budgets", default="0,8,16,32,48,64,96,112,128,160,192,224,256,none")
-    ap.add_argument("--conclusions", default="none,default",
-                    help="comma list of conclusion modes: none (bare </think>) and/or default (the phrase)")
+    ap.add_argument("--conclusions", default="none,step,default",
+                    help="comma list of conclusion modes: none (bare </think>), step (<step>\\n), default (the phrase)")
     ap.add_argument("--max-tokens", type=int, default=400)
     ap.add_argument("--seed", type=int, default=None, help="problem seed (default: the held-out evaluation seed)")
     a = ap.parse_args()
@@ -55,13 +61,14 @@ def main() -> None:
     budgets = parse_budgets(a.budgets)
     modes = [m.strip() for m in a.conclusions.split(",") if m.strip()]
     for m in modes:
-        if m not in ("none", "default"):
-            raise SystemExit(f"--conclusions: unknown mode {m!r} (none, default)")
+        if m not in CONCLUSIONS:
+            raise SystemExit(f"--conclusions: unknown mode {m!r} ({', '.join(CONCLUSIONS)})")
     t0 = time.time()
     llm = cc.make_engine(a)
     ids = cc.Ids.of(llm)
     tok = llm.get_tokenizer()
-    conc_len = {"none": 0, "default": len(tok.encode(DEFAULT_CONCLUSION, add_special_tokens=False))}
+    conc_text = {**CONCLUSIONS, "default": DEFAULT_CONCLUSION}
+    conc_len = {m: len(tok.encode(t, add_special_tokens=False)) if t else 0 for m, t in conc_text.items()}
 
     # One request per (tier, problem, arm); the uncapped arm is shared by both modes.
     arms: list[tuple[str, int | None]] = [("uncapped", None)]
@@ -73,8 +80,8 @@ def main() -> None:
                 ttc = None
                 if b is not None:
                     ttc = {"max_think": b}
-                    if mode == "none":
-                        ttc["conclusion"] = None
+                    if mode != "default":
+                        ttc["conclusion"] = conc_text[mode]
                 reqs.append(prompt(p))
                 meta.append((tier, p, mode, b, cc.params(ttc, temperature=0.0, max_tokens=a.max_tokens)))
     print(f"{len(reqs)} greedy requests ({len(tiers)} tiers x {a.problems} problems x {len(arms)} arms)", flush=True)
@@ -127,7 +134,7 @@ def main() -> None:
                                 if rb and base["mean_thinking_tokens"] else None))
 
     for mode in modes:
-        print(f"\nconclusion = {mode} ({'bare </think>' if mode == 'none' else f'{conc_len[mode]}-token phrase'}); "
+        print(f"\nconclusion = {mode} ({conc_text[mode]!r}, {conc_len[mode]} tokens); "
               "accuracy % / mean thinking tokens / % of traces cut by the cap")
         head = ["max_think"] + [f"{t} acc" for t in tiers] + [f"{t} think" for t in tiers] + [f"{t} cut" for t in tiers] + ["over cap"]
         trs = []
@@ -167,7 +174,7 @@ def plot(rows, tiers, budgets, modes, path, problems) -> None:
     x_none = (max(finite) * 1.5) if finite else 1
     xs = [b if b is not None else x_none for b in budgets]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"none": "-", "default": "--"}
+    styles = {"none": ":", "step": "-", "default": "--"}
     for i, tier in enumerate(tiers):
         color = f"C{i}"
         for mode in modes:

@@ -1,7 +1,7 @@
 """Single-trace halting (action "conclude"): thinking tokens saved vs accuracy lost, through real vLLM.
 
     python benchmarks/controls_halting.py [--problems 200] [--cal-problems 100] [--verify 10]
-                                          [--select-loss 0.5] [--conclusion none] [--model DIR]
+                                          [--select-loss 0.5] [--conclusions step,none] [--model DIR]
 
 Greedy decoding. Three phases on one engine:
 1. Calibration slice (ttc_vllm.calibrate.CALIBRATION_SEED, disjoint from the evaluation seed):
@@ -11,14 +11,16 @@ Greedy decoding. Three phases on one engine:
    thinking token where f_t crosses tau (`halting.aggregate_series` semantics). Accuracy is
    estimated with the calibration proxy (a halted trace is right iff the full trace was right and
    a step line had already stated the answer; `calibrate._answer_known_at` logic). Per setting the
-   tau saving most thinking within `--select-loss` points is kept; the `--verify` best settings
-   are then run for real (halting inside the engine) on the calibration slice, and the one saving
-   the most thinking at a measured loss <= `--select-loss` points is chosen.
+   tau saving most thinking within `--select-loss` points (and the one at no proxy loss) is kept;
+   the `--verify` best settings (distinct halting behaviour) are then run for real (halting inside
+   the engine) on the calibration slice with each `--conclusions` text, and the one saving the
+   most thinking at a measured loss <= `--select-loss` points is chosen.
 3. Evaluation slice (held-out seed): no halting vs the chosen setting, side by side in one
    `generate` call. Nothing is tuned on this slice.
 
-Thinking tokens count the forced conclusion (with `--conclusion none` the budget ends with a bare
-`</think>`, the testbed's own format). Prints the sweep table and the results, writes
+Thinking tokens count the forced conclusion. Conclusions: "step" = "<step>\\n" (closes the current
+step line, then `</think>`: the testbed's own format, so a halt in mid-line still yields an answer
+line), "none" = a bare `</think>`, "default" = the options' default phrase (24 tokens here). Prints the sweep table and the results, writes
 benchmarks/results/controls_halting.json and .png.
 """
 from __future__ import annotations
@@ -93,12 +95,15 @@ def check_against_reference(traces) -> None:
                 assert np.allclose(np.nan_to_num(ref, nan=-99), np.nan_to_num(got, nan=-99), atol=1e-6), (sig, agg)
 
 
+CONCLUSIONS = {"step": "<step>\n", "none": None}
+
+
 def halting_ttc(cfg: dict, conclusion: str) -> dict:
     ttc = {"halting": {"signal": cfg["signal"], "aggregate": cfg["aggregate"], "window": cfg["window"],
                        "direction": cfg["direction"], "min_tokens": cfg["min_tokens"],
                        "threshold": float(cfg["threshold"]), "action": "conclude"}}
-    if conclusion == "none":
-        ttc["conclusion"] = None
+    if conclusion != "default":
+        ttc["conclusion"] = CONCLUSIONS[conclusion]
     return ttc
 
 
@@ -152,14 +157,15 @@ def main() -> None:
     ap.add_argument("--tiers", default=",".join(cc.TIERS))
     ap.add_argument("--signals", default="token_confidence,group_confidence,entropy")
     ap.add_argument("--aggregates", default="tail,mean,min")
-    ap.add_argument("--windows", default="4,8,16,32,64")
+    ap.add_argument("--windows", default="1,2,4,8,16,32,64")
     ap.add_argument("--directions", default="above,below")
     ap.add_argument("--min-tokens", default="0,8,16,32")
     ap.add_argument("--taus", type=int, default=80, help="tau grid size per setting (quantiles)")
     ap.add_argument("--verify", type=int, default=10, help="settings verified in the engine on the calibration slice")
     ap.add_argument("--select-loss", type=float, default=0.5,
                     help="accuracy loss (points) allowed on the calibration slice when choosing")
-    ap.add_argument("--conclusion", choices=("none", "default"), default="none")
+    ap.add_argument("--conclusions", default="step,none",
+                    help="conclusion texts tried in verification: step, none, default (the first sizes the proxy)")
     ap.add_argument("--max-tokens", type=int, default=400)
     a = ap.parse_args()
 
@@ -174,7 +180,13 @@ def main() -> None:
     ids = cc.Ids.of(llm)
     tok = llm.get_tokenizer()
     decode = lambda t: tok.decode(t, skip_special_tokens=False)  # noqa: E731
-    conc_len = 0 if a.conclusion == "none" else len(tok.encode(DEFAULT_CONCLUSION, add_special_tokens=False))
+    conclusions = [c.strip() for c in a.conclusions.split(",") if c.strip()]
+    for c in conclusions:
+        if c not in (*CONCLUSIONS, "default"):
+            raise SystemExit(f"--conclusions: unknown {c!r} (step, none, default)")
+    texts = {**CONCLUSIONS, "default": DEFAULT_CONCLUSION}
+    conc_lens = {c: len(tok.encode(texts[c], add_special_tokens=False)) if texts[c] else 0 for c in conclusions}
+    conc_len = conc_lens[conclusions[0]]
 
     # 1. calibration traces
     cal = [(t, p) for t in tiers for p in generate(t, a.cal_problems, CALIBRATION_SEED)]
@@ -233,28 +245,34 @@ def main() -> None:
             halted += h
         loss = 100 * (base_correct - correct) / n_cal
         saved = 1 - think / base_think
-        okm = loss <= a.select_loss + 1e-9
-        if not okm.any():
-            continue
-        j = int(np.argmax(np.where(okm, saved, -np.inf)))
-        sweep.append(dict(cfg, threshold=float(taus[j]), proxy_loss_points=float(loss[j]),
-                          proxy_thinking_saved=float(saved[j]), proxy_halted_share=float(halted[j] / n_cal)))
+        for limit in sorted({a.select_loss, 0.0}):
+            okm = loss <= limit + 1e-9
+            if not okm.any():
+                continue
+            j = int(np.argmax(np.where(okm, saved, -np.inf)))
+            sweep.append(dict(cfg, threshold=float(taus[j]), proxy_limit=limit, proxy_loss_points=float(loss[j]),
+                              proxy_thinking_saved=float(saved[j]), proxy_halted_share=float(halted[j] / n_cal)))
     sweep.sort(key=lambda s: -s["proxy_thinking_saved"])
     print(f"\nsweep: {len(settings)} settings x {a.taus} taus on the calibration slice (proxy); best tau per setting "
           f"at proxy loss <= {a.select_loss} points, top 20:")
     print(sweep_table(sweep[:20]))
 
     # Verify the best settings for real on the calibration slice (one generate call for all).
-    cands = []
+    picked, seen = [], set()
     for s in sweep:
-        if len(cands) >= a.verify:
+        if len(picked) >= a.verify:
             break
-        HaltingOptions.model_validate(halting_ttc(s, a.conclusion)["halting"])  # clear error if invalid
-        cands.append(s)
+        key = (round(s["proxy_thinking_saved"], 6), round(s["proxy_loss_points"], 6), round(s["proxy_halted_share"], 6))
+        if key in seen:   # same halting behaviour on every calibration trace as one already picked
+            continue
+        seen.add(key)
+        HaltingOptions.model_validate(halting_ttc(s, "none")["halting"])  # clear error if invalid
+        picked.append(s)
+    cands = [dict(s, conclusion=c) for s in picked for c in conclusions]
     base_cal = summarize(cal, outs, ids)
     if cands:
         reqs = [(t, p) for _ in cands for (t, p) in cal]
-        prm = [cc.params(halting_ttc(s, a.conclusion), temperature=0.0, max_tokens=a.max_tokens)
+        prm = [cc.params(halting_ttc(s, s["conclusion"]), temperature=0.0, max_tokens=a.max_tokens)
                for s in cands for _ in cal]
         from ttc_vllm.testbed.task import prompt
         vouts = llm.generate([prompt(p) for _, p in reqs], prm, use_tqdm=False)
@@ -269,13 +287,15 @@ def main() -> None:
     if chosen is None:
         print("no verified setting met the calibration loss limit; evaluating the least lossy one")
         chosen = min(cands, key=lambda s: (s["engine_loss_points"], -s["engine_thinking_saved"]))
-    print(f"\nchosen on the calibration slice: {fmt_cfg(chosen)} tau={chosen['threshold']:.4g}")
+    print(f"\nchosen on the calibration slice: {fmt_cfg(chosen)} tau={chosen['threshold']:.4g} "
+          f"conclusion={chosen['conclusion']}")
 
     # 3. evaluation slice: no halting vs the chosen setting, side by side
     ev = [(t, p) for t in tiers for p in generate(t, a.problems, HELD_OUT_SEED)]
     from ttc_vllm.testbed.task import prompt
     prm = ([cc.params(None, temperature=0.0, max_tokens=a.max_tokens)] * len(ev)
-           + [cc.params(halting_ttc(chosen, a.conclusion), temperature=0.0, max_tokens=a.max_tokens)] * len(ev))
+           + [cc.params(halting_ttc(chosen, chosen["conclusion"]), temperature=0.0, max_tokens=a.max_tokens)]
+           * len(ev))
     t1 = time.time()
     eouts = llm.generate([prompt(p) for _, p in ev] * 2, prm, use_tqdm=False)
     gen_s = time.time() - t1
@@ -295,7 +315,8 @@ def main() -> None:
 
     path = cc.write_result("controls_halting", {
         "model": cc.model_name(a), "decoding": "greedy", "max_tokens": a.max_tokens,
-        "conclusion": a.conclusion, "conclusion_tokens": conc_len,
+        "conclusions": {c: {"text": texts[c], "tokens": conc_lens[c]} for c in conclusions},
+        "chosen_ttc": halting_ttc(chosen, chosen["conclusion"]),
         "calibration": {"seed": CALIBRATION_SEED, "problems_per_tier": a.cal_problems, "baseline": base_cal,
                         "select_loss_points": a.select_loss, "settings": len(settings), "taus_per_setting": a.taus,
                         "proxy": "halted trace right iff the full trace was right and a step line stated the "
@@ -316,10 +337,12 @@ def fmt_cfg(s: dict) -> str:
 
 
 def sweep_table(rows, engine: bool = False) -> str:
-    head = ["setting", "tau", "halted", "proxy loss", "proxy saved"] + (["engine loss", "engine saved"] if engine else [])
+    head = (["setting", "tau", "halted", "proxy loss", "proxy saved"]
+            + (["conclusion", "engine loss", "engine saved"] if engine else []))
     return cc.table(head, [[fmt_cfg(s), f"{s['threshold']:.4g}", cc.pct(s["proxy_halted_share"]),
                             f"{s['proxy_loss_points']:.1f}", cc.pct(s["proxy_thinking_saved"])]
-                           + ([f"{s['engine_loss_points']:.1f}", cc.pct(s["engine_thinking_saved"])] if engine else [])
+                           + ([s["conclusion"], f"{s['engine_loss_points']:.1f}", cc.pct(s["engine_thinking_saved"])]
+                              if engine else [])
                            for s in rows])
 
 
@@ -342,7 +365,8 @@ def plot(sweep, cands, res, chosen, path) -> None:
     ax2.axhline(40, ls="--", color="gray", lw=0.8)
     ax2.set_xticks(x)
     ax2.set_xticklabels(tiers)
-    ax2.set_title(f"evaluation: {fmt_cfg(chosen)} tau={chosen['threshold']:.3g}", fontsize=9)
+    ax2.set_title(f"evaluation: {fmt_cfg(chosen)} tau={chosen['threshold']:.3g}, conclusion {chosen['conclusion']}",
+                  fontsize=8)
     ax2.grid(alpha=0.3, axis="y")
     ax2.legend(fontsize=7)
     fig.tight_layout()

@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument("--cal-problems", type=int, default=40, help="warm-up/calibration problems per tier")
     ap.add_argument("--tiers", default="medium,hard")
     ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--windows", default="8,16,32")
+    ap.add_argument("--windows", default="4,8,16,32")
     ap.add_argument("--percentiles", default="5,10,25,50,75,90")
     ap.add_argument("--min-tokens", type=int, default=0)
     ap.add_argument("--waves", default="4,4,4,4", help="traces per wave for the adaptive exit (sums to 16)")
