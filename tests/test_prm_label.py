@@ -32,10 +32,11 @@ def test_testbed_prefix_correct(steps, expected):
     assert lbl.testbed_prefix_correct(P, steps) is expected
 
 
-def run_labels(policy, problems, traces=3, rollouts=4):
+def run_labels(policy, problems, traces=3, rollouts=4, own=True):
     gen = RecordingGenerator(policy)
     stats = {}
-    rows = asyncio.run(mc_label(gen, TASK, problems, traces, rollouts, StepParams(max_tokens=256), stats))
+    rows = asyncio.run(mc_label(gen, TASK, problems, traces, rollouts, StepParams(max_tokens=256),
+                                stats, count_own_continuation=own))
     return gen, rows, stats
 
 
@@ -49,20 +50,22 @@ def test_perfect_policy_labels_every_step_one():
 def test_labels_of_a_mistaken_policy():
     problems = task.generate("hard", 6, seed=2)
     gen, rows, stats = run_labels(FakeArithmeticPolicy(seed=3, mistake_rate=0.3), problems,
-                                  traces=4, rollouts=6)
+                                  traces=4, rollouts=6, own=False)
     # two rounds, one call each: traces, then k rollouts of every distinct non-final prefix
     assert [(kind, n) for kind, _, n, _ in gen.calls] == [("complete", 4), ("complete", 6)]
     rollout_prefixes = gen.calls[1][1]
     assert len(set(rollout_prefixes)) == len(rollout_prefixes) == stats["prefixes"]
+    wins = {p: sum(_right(p, c) for c in outs)
+            for p, outs in zip(rollout_prefixes, gen.calls[1][3])}
     by_trace = {}
     for r in rows:
         by_trace.setdefault(r["trace_id"], []).append(r)
         if r["final"]:  # decided by the answer itself, no rollouts
             assert r["rollouts"] == 1 and r["mc_value"] == float(r["trace_correct"])
         else:
-            assert r["rollouts"] == 6 and r["mc_value"] == r["correct_rollouts"] / 6
             prefix = tuple(r["prompt_token_ids"] + sum(r["step_token_ids"], []))
-            assert prefix in rollout_prefixes
+            assert r["rollouts"] == 6 and r["correct_rollouts"] == wins[prefix]
+            assert r["mc_value"] == r["correct_rollouts"] / 6
         if not r["exact_prefix_correct"]:
             assert r["mc_value"] == 0.0  # the fake's +10 mistakes can never be undone
     assert any(not r["exact_prefix_correct"] for r in rows)
@@ -73,6 +76,41 @@ def test_labels_of_a_mistaken_policy():
         flags = [r["exact_prefix_correct"] for r in steps]
         assert flags == sorted(flags, reverse=True)
         assert steps[-1]["trace_correct"] == steps[-1]["exact_prefix_correct"]
+
+
+def _right(prefix, completion):
+    """Whether a rollout of a testbed prefix reaches the sum of the prefix's problem."""
+    tok = load_testbed_tokenizer()
+    question = tok.decode(list(prefix)).split("Q: ", 1)[1].split("=?", 1)[0]
+    answer = task.extract_answer("".join(s.text for s in completion))
+    return answer == sum(int(t) for t in question.split("+"))
+
+
+def test_own_continuation_counts_as_one_more_rollout():
+    problems = task.generate("hard", 4, seed=5)
+    policy = FakeArithmeticPolicy(seed=6, mistake_rate=0.3)
+    _, with_own, _ = run_labels(policy, problems, traces=3, rollouts=2, own=True)
+    _, without, _ = run_labels(FakeArithmeticPolicy(seed=6, mistake_rate=0.3), problems,
+                               traces=3, rollouts=2, own=False)
+    assert len(with_own) == len(without)
+    for a, b in zip(with_own, without):
+        assert a["step_token_ids"] == b["step_token_ids"]
+        if a["final"]:
+            assert a == b
+        else:
+            assert a["rollouts"] == 3
+            assert a["correct_rollouts"] == b["correct_rollouts"] + a["trace_correct"]
+            assert a["mc_value"] == pytest.approx(a["correct_rollouts"] / 3)
+
+
+def test_zero_rollouts_labels_every_step_by_its_trace_outcome():
+    gen, rows, stats = run_labels(FakeArithmeticPolicy(seed=7, mistake_rate=0.3),
+                                  task.generate("hard", 4, seed=7), traces=3, rollouts=0)
+    assert [kind for kind, *_ in gen.calls] == ["complete"]  # no rollout round
+    assert stats["prefixes"] == 0
+    assert all(r["rollouts"] == 1 and r["mc_value"] == float(r["trace_correct"]) for r in rows)
+    with pytest.raises(ValueError, match="rollouts"):
+        run_labels(FakeArithmeticPolicy(), task.generate("easy", 1, seed=0), rollouts=0, own=False)
 
 
 def test_rows_round_trip_and_summary(tmp_path):

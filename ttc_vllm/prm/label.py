@@ -1,18 +1,25 @@
 """Monte-Carlo step labels for PRM training (Math-Shepherd style).
 
-For sampled traces of training problems, the label of step k is the fraction of `k`
-rollouts from the prefix (prompt + steps 0..k) that reach the right answer. Two generator
-rounds, each ONE call: (1) `traces_per_problem` full traces per problem, (2) `rollouts`
-completions of every distinct step prefix. Prompts are token ids, so with prefix caching the
-rollouts of a prefix share its KV blocks and only the new tokens are computed. The final
-(answer) step needs no rollouts: its label is whether the answer is right.
+For sampled traces of training problems, the label of step k is the fraction of rollouts
+from the prefix (prompt + steps 0..k) that reach the right answer. Two generator rounds,
+each ONE call: (1) `traces_per_problem` full traces per problem, (2) `rollouts` completions
+of every distinct step prefix. Prompts are token ids, so with prefix caching the rollouts of
+a prefix share its KV blocks and only the new tokens are computed. The final (answer) step
+needs no rollouts: its label is whether the answer is right.
+
+The trace's own continuation after step k is itself a policy sample from that prefix, so by
+default it counts as one more rollout (label = (wins + trace correct) / (rollouts + 1)). With
+`rollouts=0` there is no second round at all: every step is labelled by its trace's outcome
+(a 1-rollout estimate) -- noisy per step, but right in expectation and ~100x cheaper, so a
+PRM can see many more traces (and mistakes) for the same compute.
 
 Generic over the task (`LabelTask`); the testbed task is below, and `prm_data_main` is the
 `ttc-vllm job prm-data` entry point on the testbed policy.
 
 Output: JSONL, one row per (trace, step):
   problem, trace_id, step_index, num_steps, prompt_token_ids, step_token_ids (steps 0..k),
-  step_text, final, mc_value, correct_rollouts, rollouts, trace_correct,
+  step_text, final, mc_value, correct_rollouts, rollouts (own continuation included),
+  trace_correct,
   exact_prefix_correct (testbed extra, else null: every step so far is right arithmetic on
   the problem's own terms, and a final answer equals the sum -- ground truth for AUC).
 """
@@ -50,11 +57,15 @@ class LabelTask(Protocol):
 
 async def mc_label(generator: StepGenerator, task: LabelTask, problems: Sequence[Any],
                    traces_per_problem: int, rollouts: int, params: StepParams,
-                   stats: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                   stats: dict[str, Any] | None = None,
+                   count_own_continuation: bool = True) -> list[dict[str, Any]]:
     """Label every step of `traces_per_problem` sampled traces per problem (see module doc).
     Traces cut by `params.max_tokens` before finishing are dropped (counted in stats)."""
-    if traces_per_problem < 1 or rollouts < 1:
-        raise ValueError("traces_per_problem and rollouts must be >= 1")
+    if traces_per_problem < 1:
+        raise ValueError(f"traces_per_problem must be >= 1, got {traces_per_problem}")
+    if rollouts < 0 or (rollouts == 0 and not count_own_continuation):
+        raise ValueError(f"rollouts must be >= 1 (>= 0 when the trace's own continuation "
+                         f"counts), got {rollouts}")
     stats = stats if stats is not None else {}
     prompts = [tuple(task.prompt_ids(p)) for p in problems]
     t0 = time.perf_counter()
@@ -81,12 +92,13 @@ async def mc_label(generator: StepGenerator, task: LabelTask, problems: Sequence
     row_of_prefix = {p: j for j, p in enumerate(prefixes)}
 
     t0 = time.perf_counter()
-    outs = await generator.complete(prefixes, rollouts, params) if prefixes else []
+    outs = await generator.complete(prefixes, rollouts, params) if prefixes and rollouts else []
     stats["rollout_seconds"] = round(time.perf_counter() - t0, 2)
-    wins = []
-    for prefix, samples in zip(prefixes, outs):
+    wins = [0] * len(prefixes)
+    for j, (prefix, samples) in enumerate(zip(prefixes, outs)):
         problem = problems[problem_of_prefix[prefix]]
-        wins.append(sum(task.is_correct(problem, "".join(s.text for s in c)) for c in samples))
+        wins[j] = sum(task.is_correct(problem, "".join(s.text for s in c)) for c in samples)
+    own = int(count_own_continuation)
 
     rows = []
     for trace_id, (i, steps) in enumerate(traces):
@@ -100,7 +112,8 @@ async def mc_label(generator: StepGenerator, task: LabelTask, problems: Sequence
             if final:
                 correct, n = int(trace_correct), 1
             else:
-                correct, n = wins[row_of_prefix[tuple(ids)]], rollouts
+                correct = wins[row_of_prefix[tuple(ids)]] + own * int(trace_correct)
+                n = rollouts + own
             rows.append({
                 "problem": task.record(problem),
                 "trace_id": trace_id,
@@ -117,7 +130,7 @@ async def mc_label(generator: StepGenerator, task: LabelTask, problems: Sequence
                 "exact_prefix_correct": task.exact_prefix_correct(problem, texts[: k + 1]),
             })
     stats.update(problems=len(problems), traces=len(traces), dropped_traces=dropped,
-                 prefixes=len(prefixes), rows=len(rows))
+                 prefixes=len(prefixes) if rollouts else 0, rows=len(rows))
     return rows
 
 
@@ -247,7 +260,10 @@ def prm_data_main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tiers", default="easy:40,medium:80,hard:80",
                     help="problems per tier, name:count,...")
     ap.add_argument("--traces-per-problem", type=int, default=4)
-    ap.add_argument("--rollouts", type=int, default=8, help="k rollouts per step prefix")
+    ap.add_argument("--rollouts", type=int, default=8,
+                    help="k rollouts per step prefix (0: label by the trace's own outcome)")
+    ap.add_argument("--no-own-continuation", action="store_true",
+                    help="do not count the trace's own continuation as a rollout")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-tokens", type=int, default=400, help="per trace / rollout")
     ap.add_argument("--seed", type=int, default=0)
@@ -268,7 +284,8 @@ def prm_data_main(argv: list[str] | None = None) -> dict[str, Any]:
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
     rows = asyncio.run(mc_label(generator, TestbedLabelTask(llm.get_tokenizer()), problems,
-                                a.traces_per_problem, a.rollouts, params, stats))
+                                a.traces_per_problem, a.rollouts, params, stats,
+                                count_own_continuation=not a.no_own_continuation))
     label_s = time.perf_counter() - t0
     write_jsonl(rows, a.out)
     record = {"command": "prm-data " + " ".join(argv or []), "args": {k: str(v) for k, v in vars(a).items()},
