@@ -1,7 +1,7 @@
 """Train the testbed PRM: a `Qwen2ForProcessRewardModel` on Monte-Carlo step labels.
 
-    python -m ttc_vllm.testbed.train_prm --labels LABELS.jsonl --policy POLICY_DIR --out DIR
-        [--minutes M] [--epochs E] [--seed S] [--no-verify]
+    python -m ttc_vllm.testbed.train_prm --labels LABELS.jsonl [MORE.jsonl ...] --policy POLICY_DIR
+        --out DIR [--minutes M] [--epochs E] [--seed S] [--no-verify]
 
 The backbone starts from the trained policy's transformer (it already reads the task); the
 score head is vLLM's: Linear(h, h) -> ReLU -> Linear(h, 2), both with bias (vLLM's
@@ -220,14 +220,22 @@ def verify_in_vllm(out: Path, model, inputs, traces: list[Trace], pad_id: int) -
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def train(labels: Path, policy_dir: Path, out: Path, epochs: int, minutes: float, batch: int,
-          lr: float, seed: int, threads: int, holdout: float, verify: bool) -> dict[str, Any]:
+EVAL_TRACES_PER_EPOCH = 300  # the per-epoch curve uses a fixed subset; the final test uses all
+
+
+def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minutes: float,
+          batch: int, lr: float, seed: int, threads: int, holdout: float,
+          verify: bool) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(f"prm:{seed}")
-    data = traces_from_rows(read_jsonl(labels))
+    data, source = [], []
+    for path in labels:  # trace ids are per file
+        part = traces_from_rows(read_jsonl(path))
+        data.extend(part)
+        source.extend([str(path)] * len(part))
     model, config = build_model(policy_dir)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     tag_id, eos_id = _tag_and_eos(policy_dir)
@@ -243,13 +251,15 @@ def train(labels: Path, policy_dir: Path, out: Path, epochs: int, minutes: float
                             weight_decay=0.01)
     total_steps = epochs * math.ceil(len(train_items) / batch)
     base = [g["lr"] for g in opt.param_groups]
+    curve_idx = test_idx[:EVAL_TRACES_PER_EPOCH]
     t0, step, curve = time.time(), 0, []
     for epoch in range(epochs):
         model.train()
         for chunk in batches(train_items, batch, rng):
             if time.time() - t0 > minutes * 60:
                 break
-            frac = step / max(1, total_steps)
+            # schedule by steps or by the time budget, whichever runs out first
+            frac = max(step / max(1, total_steps), (time.time() - t0) / (minutes * 60))
             for g, b in zip(opt.param_groups, base):  # short warm-up, cosine decay
                 g["lr"] = b * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
             ids, mask, rows, cols = collate([x for x, _ in chunk], pad_id)
@@ -260,8 +270,8 @@ def train(labels: Path, policy_dir: Path, out: Path, epochs: int, minutes: float
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-        test_scores = predict(model, [inputs[i] for i in test_idx], pad_id)
-        metrics = evaluate(test_scores, [data[i] for i in test_idx])
+        metrics = evaluate(predict(model, [inputs[i] for i in curve_idx], pad_id),
+                           [data[i] for i in curve_idx])
         curve.append({"epoch": epoch + 1, "step": step, "loss": round(loss.item(), 4),
                       "seconds": round(time.time() - t0, 1), **metrics})
         print(json.dumps(curve[-1]), flush=True)
@@ -269,12 +279,18 @@ def train(labels: Path, policy_dir: Path, out: Path, epochs: int, minutes: float
             break
     train_s = time.time() - t0
     save(model, config, policy_dir, out)
+    test_scores = predict(model, [inputs[i] for i in test_idx], pad_id)
+    by_source = {}
+    for path in dict.fromkeys(source):
+        pick = [k for k, i in enumerate(test_idx) if source[i] == path]
+        by_source[path] = evaluate([test_scores[k] for k in pick], [data[test_idx[k]] for k in pick])
     record: dict[str, Any] = {
-        "labels": str(labels), "policy": str(policy_dir), "seed": seed, "epochs_run": len(curve),
-        "steps": step, "batch": batch, "lr": lr, "seconds": round(train_s, 1),
-        "params": sum(p.numel() for p in model.parameters()),
+        "labels": [str(p) for p in labels], "policy": str(policy_dir), "seed": seed,
+        "epochs_run": len(curve), "steps": step, "batch": batch, "lr": lr,
+        "seconds": round(train_s, 1), "params": sum(p.numel() for p in model.parameters()),
         "train_traces": len(train_idx), "test_traces": len(test_idx),
-        "test": curve[-1] if curve else None, "curve": curve,
+        "test": evaluate(test_scores, [data[i] for i in test_idx]), "test_by_labels": by_source,
+        "curve": curve,
     }
     if verify:
         k = test_idx[:16]
@@ -293,7 +309,8 @@ def _tag_and_eos(policy_dir: Path) -> tuple[int, int | None]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--labels", type=Path, required=True, help="JSONL from `ttc-vllm job prm-data`")
+    ap.add_argument("--labels", type=Path, nargs="+", required=True,
+                    help="JSONL file(s) from `ttc-vllm job prm-data`")
     ap.add_argument("--policy", type=Path, required=True, help="trained policy dir (backbone init)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--epochs", type=int, default=30)
