@@ -638,6 +638,53 @@ def test_testbed_policy_in_a_ray_replica_majority_of_4(tmp_path, capsys):
     assert len(lines_of(tmp_path)) == 6 and "0 to run" in capsys.readouterr().out
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_cli_job_on_local_ray_with_prm_strategies(tmp_path, monkeypatch, capsys):
+    """`job evaluate` end to end on a Ray it starts itself, with the policy and the PRM
+    swapped for the fakes (the factories are looked up when the actors are built)."""
+    ray_ = pytest.importorskip("ray")
+    from ttc_vllm.jobs import replicas
+    from ttc_vllm.prm import scorers
+
+    def fake_vllm_policy(model, overrides, delimiter):  # local: pickled by value
+        from ttc_vllm.jobs.replicas import TokenizingPolicy
+        from ttc_vllm.search.fakes import FakeArithmeticPolicy, load_testbed_tokenizer
+
+        assert model is None and overrides == {"seed": 5}  # what the CLI passes the factory
+        return TokenizingPolicy(FakeArithmeticPolicy(seed=1), load_testbed_tokenizer())
+
+    def fake_make_scorer(config):
+        from ttc_vllm.search.fakes import FakeArithmeticPRM
+
+        assert config.model == "fake-prm"
+        return FakeArithmeticPRM()
+
+    monkeypatch.setattr(replicas, "vllm_policy", fake_vllm_policy)
+    monkeypatch.setattr(scorers, "make_scorer", fake_make_scorer)
+    argv = ["job", "evaluate", "--tiers", "easy,medium", "--problems", "3", "--seed", "0",
+            "--strategies", "majority,best_of_n,beam", "--n", "4", "--temperature", "0.8",
+            "--out", str(tmp_path), "--num-cpus", "2", "--policy-replicas", "2", "--replica-cpus", "0.5",
+            "--prm-actors", "1", "--prm-cpus", "0.5", "--engine-kwargs", '{"seed": 5}',
+            "--prm-config", '{"kind": "pooling", "model": "fake-prm"}']
+    assert main(argv) == 0
+    assert not ray_.is_initialized()
+    out = capsys.readouterr().out
+    records = lines_of(tmp_path)
+    assert len(records) == 18 and {r["worker"] for r in records} == {"replica-0", "replica-1"}
+    # the same decisions as the fakes make in this process
+    plan = small_plan(strategies=["majority", "best_of_n", "beam"], ns=[4])
+    local = ResultStore(tmp_path / "local")
+    asyncio.run(run_items(plan, plan.items(), _workers(1), FakeArithmeticPRM(), local))
+    got = {(r["strategy"], r["n"], r["tier"], r["index"]): outcome(r) for r in records}
+    assert got == {k: outcome(r) for k, r in local.done.items()}
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert [(r["strategy"], r["tier"], r["done"]) for r in rows] == [
+        (s, t, 3) for s in ("majority", "best_of_n", "beam") for t in ("easy", "medium")]
+    assert all(r["prm_tokens_per_problem"] > 0 for r in rows if r["strategy"] != "majority")
+    assert "beam" in out and "3/3" in out
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the fake-replica tests (after the engine test, which starts and stops

@@ -646,9 +646,11 @@ def _run_on_ray(args, plan: Plan, prm_config, overrides, address: str, store: Re
             from ttc_vllm.prm.scorers import make_scorer
 
             print(f"starting {args.prm_actors} PRM actor(s) {prm_options}", flush=True)
+            # every search in flight may wait on the PRM at once: never reject them as "full"
+            in_flight = args.policy_replicas * args.concurrency
             pool = scorer = PRMPool(args.prm_actors, functools.partial(make_scorer, prm_config),
-                                    max_batch=64, ready_timeout_s=args.ready_timeout,
-                                    actor_options=prm_options)
+                                    max_batch=64, max_queue=max(256, 2 * in_flight),
+                                    ready_timeout_s=args.ready_timeout, actor_options=prm_options)
         asyncio.run(run_items(plan, pending, replicas.clients, scorer, store,
                               concurrency=args.concurrency, on_record=progress))
     finally:
