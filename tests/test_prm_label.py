@@ -156,8 +156,10 @@ def test_labels_from_the_real_policy(llm):
     problems = training_problems({"medium": 2}, seed=0)
     stats = {}
     rows = asyncio.run(mc_label(gen, lbl.TestbedLabelTask(llm.get_tokenizer()), problems, 2, 3,
-                                StepParams(temperature=1.0, max_tokens=200), stats))
+                                StepParams(temperature=0.8, max_tokens=400), stats))
     assert stats["traces"] + stats["dropped_traces"] == 4
+    assert stats["traces"] >= 1 and rows  # 400 tokens fit a medium trace
     for r in rows:
         assert 0.0 <= r["mc_value"] <= 1.0
-        assert r["rollouts"] == (1 if r["final"] else 3)
+        # 3 rollouts, plus the trace's own continuation (counted by default)
+        assert r["rollouts"] == (1 if r["final"] else 3 + 1)

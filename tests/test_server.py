@@ -358,3 +358,18 @@ def test_disconnect_mid_search_aborts_every_sub_request(server, client):
     assert server.metrics().get("vllm:num_requests_running", 1) == 0
     ok = client.chat.completions.create(model=SERVED_NAME, messages=chat(EASY), max_tokens=4)
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+# -- dashboards -------------------------------------------------------------------------------
+
+def test_grafana_dashboards_query_metrics_the_server_exports(server, client):
+    """Every vLLM metric a shipped dashboard queries is exported by the running server."""
+    client.chat.completions.create(model=SERVED_NAME, messages=chat(EASY), max_tokens=8)  # fill histograms
+    exported = set(re.findall(r"^(vllm:[\w:]+)", httpx.get(f"{server.url}/metrics", timeout=10).text, re.M))
+    dashboards = sorted((ROOT / "grafana").glob("*.json"))
+    assert dashboards
+    for path in dashboards:
+        queried = set(re.findall(r"vllm:[a-z_:]+", path.read_text()))
+        assert queried, f"{path.name} queries no vLLM metric"
+        missing = sorted(queried - exported)
+        assert not missing, f"{path.name} queries metrics the server does not export: {missing}"
