@@ -369,7 +369,7 @@ def test_grafana_dashboards_query_metrics_the_server_exports(server, client):
     dashboards = sorted((ROOT / "grafana").glob("*.json"))
     assert dashboards
     for path in dashboards:
-        queried = set(re.findall(r"vllm:[a-z_:]+", path.read_text()))
+        queried = set(re.findall(r"vllm:[\w:]+", path.read_text()))
         assert queried, f"{path.name} queries no vLLM metric"
         missing = sorted(queried - exported)
         assert not missing, f"{path.name} queries metrics the server does not export: {missing}"
