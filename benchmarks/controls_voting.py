@@ -193,7 +193,9 @@ def main() -> None:
         raise SystemExit(f"--waves must sum to {K}")
     windows = [int(x) for x in a.windows.split(",")]
     percentiles = [float(x) for x in a.percentiles.split(",")]
-    llm = cc.make_engine(a)
+    # Per-request seeds + chunked prefill crash vLLM 0.32 on CPU ("CPU Generator does not use
+    # offset" when a partial prefill's sampled token is discarded): prefill whole prompts.
+    llm = cc.make_engine(a, enable_chunked_prefill=False)
     ids = cc.Ids.of(llm)
     sargs = dict(temperature=a.temperature, max_tokens=a.max_tokens)
 
