@@ -16,13 +16,15 @@ it forces EOS): the arms are paired, trace by trace.
    offline, stopped traces leave the vote, and each setting (window, percentile, vote = majority
    or confidence-weighted, adaptive or not) gets its accuracy and tokens vs plain majority@16.
    "Adaptive" adds DeepConf's early exit: traces come in waves (--waves) and a problem stops
-   sampling once >= --min-votes answers agree at a (weighted) share >= --consensus.
+   sampling once >= --min-votes answers agree at a (weighted) share >= a --consensus value
+   (swept). The adaptive exit without any halting is reported too, to separate the two.
    The setting with the fewest tokens at <= --select-loss points below majority@16 is chosen,
    separately without and with the adaptive exit.
 2. Evaluation slice (held-out seed), all for real in one engine: 16 plain traces per problem
    (majority@16, and majority@k of the first k traces as the cheap baseline to beat), the
    chosen stop setting (16 traces, `HaltingOptions(action="stop", direction="below")`), and
-   the chosen adaptive setting run in waves. Generated tokens count every token of every trace
+   the chosen adaptive setting run in waves, and the adaptive exit alone (with paired seeds exactly
+   the first traces of the plain run, so read off it). Generated tokens count every token of every trace
    (stopped traces included); the warm-up slice is a one-off cost reported separately.
 
 Prints tables, writes benchmarks/results/controls_voting.json and .png.
@@ -171,7 +173,8 @@ def main() -> None:
     ap.add_argument("--percentiles", default="5,10,25,50,75,90")
     ap.add_argument("--min-tokens", type=int, default=0)
     ap.add_argument("--waves", default="4,4,4,4", help="traces per wave for the adaptive exit (sums to 16)")
-    ap.add_argument("--consensus", type=float, default=0.95, help="answer share that ends sampling (adaptive)")
+    ap.add_argument("--consensus", default="0.95,0.75,0.6",
+                    help="answer shares that end sampling (adaptive), swept on the warm-up slice")
     ap.add_argument("--min-votes", type=int, default=3, help="answers needed before the adaptive exit")
     ap.add_argument("--select-loss", type=float, default=1.0,
                     help="accuracy loss (points) vs majority@16 allowed on the calibration slice")
@@ -192,6 +195,7 @@ def main() -> None:
     if sum(waves) != K:
         raise SystemExit(f"--waves must sum to {K}")
     windows = [int(x) for x in a.windows.split(",")]
+    shares = [float(x) for x in a.consensus.split(",")]
     percentiles = [float(x) for x in a.percentiles.split(",")]
     # Per-request seeds + chunked prefill crash vLLM 0.32 on CPU ("CPU Generator does not use
     # offset" when a partial prefill's sampled token is discarded): prefill whole prompts.
@@ -219,16 +223,29 @@ def main() -> None:
             HaltingOptions.model_validate(stop_ttc(w, tau, a.min_tokens)["halting"])
             sim = [[simulate_stop(t, w, tau, a.min_tokens) for t in ts] for ts in cal_pp]
             for weighted in (False, True):
-                for adaptive in (False, True):
+                for share in [None] + shares:
+                    adaptive = share is not None
                     r = run_policy(sim, cal_ans, weighted, w, a.min_tokens, waves if adaptive else None,
-                                   a.consensus, a.min_votes)
+                                   share or 1.0, a.min_votes)
                     sweep.append(dict(window=w, percentile=pc, threshold=tau, weighted=weighted,
-                                      adaptive=adaptive, accuracy=r["accuracy"], tokens=r["tokens"],
+                                      adaptive=adaptive, consensus=share, accuracy=r["accuracy"], tokens=r["tokens"],
                                       loss_points=100 * (base_cal["accuracy"] - r["accuracy"]),
                                       tokens_saved=1 - r["tokens"] / base_cal["tokens"],
                                       stopped_share=r["stopped_share"], traces=r["traces"]))
+    # The adaptive exit alone (no halting): the first traces of the plain run, majority vote.
+    plain_adaptive = []
+    for share in shares:
+        r = run_policy(cal_pp, cal_ans, False, 16, 0, waves, share, a.min_votes)
+        plain_adaptive.append(dict(consensus=share, accuracy=r["accuracy"], tokens=r["tokens"], traces=r["traces"],
+                                   loss_points=100 * (base_cal["accuracy"] - r["accuracy"]),
+                                   tokens_saved=1 - r["tokens"] / base_cal["tokens"]))
     print("\nwarm-up slice sweep (stop rule applied offline to the paired plain traces):")
     print(sweep_table(sweep))
+    print("adaptive exit without halting (majority vote): " + "; ".join(
+        f"consensus {x['consensus']:g}: acc {x['accuracy']:.1%}, saved {x['tokens_saved']:.1%}" for x in plain_adaptive))
+    ok = [x for x in plain_adaptive if x["loss_points"] <= a.select_loss + 1e-9]
+    chosen_plain = (max(ok, key=lambda x: x["tokens_saved"]) if ok
+                    else min(plain_adaptive, key=lambda x: x["loss_points"]))
     chosen = {}
     for adaptive in (False, True):
         ok = [s for s in sweep if s["adaptive"] == adaptive and s["loss_points"] <= a.select_loss + 1e-9]
@@ -264,7 +281,7 @@ def main() -> None:
                             **sargs))
         done += w
         open_ = [i for i in open_ if not consensus([adapt[(i, j)] for j in range(done)], s1["weighted"],
-                                                   s1["window"], a.min_tokens, a.consensus, a.min_votes)]
+                                                   s1["window"], a.min_tokens, s1["consensus"], a.min_votes)]
         if not open_:
             break
     adapt_s = time.time() - t1
@@ -283,11 +300,15 @@ def main() -> None:
         a_pp = [[adapt[(i, j)] for j in range(K) if (i, j) in adapt] for i in idx]
         r = run_policy(a_pp, ans, s1["weighted"], s1["window"], a.min_tokens, None, 1.0, 1)
         rows.append(dict(tier=tier, arm="stop+adaptive", **r))
+        # the adaptive exit alone: with paired seeds, exactly the first traces of the plain run
+        r = run_policy(b_pp, ans, False, 16, 0, waves, chosen_plain["consensus"], a.min_votes)
+        rows.append(dict(tier=tier, arm="adaptive only (no halting)", **r))
         # what the offline simulation predicts for the same settings (fidelity check)
         for name, s, wv in ((("stop (simulated)", s0, None), ("stop+adaptive (simulated)", s1, waves))
                             if a.simulate else ()):
             sim = [[simulate_stop(t, s["window"], s["threshold"], a.min_tokens) for t in ts] for ts in b_pp]
-            r = run_policy(sim, ans, s["weighted"], s["window"], a.min_tokens, wv, a.consensus, a.min_votes)
+            r = run_policy(sim, ans, s["weighted"], s["window"], a.min_tokens, wv, s["consensus"] or 1.0,
+                           a.min_votes)
             rows.append(dict(tier=tier, arm=name, **r))
     base_by = {r["tier"]: r for r in rows if r["arm"] == "majority@16"}
     for r in rows:
@@ -313,7 +334,8 @@ def main() -> None:
     path = cc.write_result("controls_voting", {
         "model": cc.model_name(a), "temperature": a.temperature, "k": K, "tiers": tiers,
         "max_tokens": a.max_tokens, "halting": "group_confidence / min / direction below / action stop",
-        "min_tokens": a.min_tokens, "waves": waves, "consensus": a.consensus, "min_votes": a.min_votes,
+        "min_tokens": a.min_tokens, "waves": waves, "consensus_swept": shares, "min_votes": a.min_votes,
+        "adaptive_only_warmup": plain_adaptive, "adaptive_only_chosen": chosen_plain,
         "warmup": {"seed": CALIBRATION_SEED, "problems_per_tier": a.cal_problems, "traces_per_problem": K,
                    "tokens": warmup_tokens, "majority16": base_cal, "select_loss_points": a.select_loss},
         "sweep": sweep, "chosen": {"stop": s0, "stop+adaptive": s1},
@@ -329,15 +351,16 @@ def main() -> None:
 
 
 def fmt(s: dict) -> str:
+    how = f"adaptive (consensus {s['consensus']:g})" if s["adaptive"] else "all 16"
     return (f"window {s['window']}, percentile {s['percentile']:g} (tau {s['threshold']:.3f}), "
-            f"{'weighted' if s['weighted'] else 'majority'} vote, {'adaptive' if s['adaptive'] else 'all 16'}: "
+            f"{'weighted' if s['weighted'] else 'majority'} vote, {how}: "
             f"acc {s['accuracy']:.1%} (loss {s['loss_points']:.1f} pts), tokens saved {s['tokens_saved']:.1%}")
 
 
 def sweep_table(sweep) -> str:
-    return cc.table(["window", "pct", "tau", "vote", "adaptive", "acc", "loss pts", "saved", "stopped", "traces"],
+    return cc.table(["window", "pct", "tau", "vote", "consensus", "acc", "loss pts", "saved", "stopped", "traces"],
                     [[s["window"], f"{s['percentile']:g}", f"{s['threshold']:.3f}",
-                      "weighted" if s["weighted"] else "majority", "yes" if s["adaptive"] else "no",
+                      "weighted" if s["weighted"] else "majority", f"{s['consensus']:g}" if s["adaptive"] else "-",
                       cc.pct(s["accuracy"]), f"{s['loss_points']:.1f}", cc.pct(s["tokens_saved"]),
                       cc.pct(s["stopped_share"]), f"{s['traces']:.1f}"] for s in sweep])
 
@@ -350,7 +373,8 @@ def plot(rows, tiers, path) -> None:
         maj = [r for r in rs if r["arm"].startswith("majority@")]
         ax.plot([r["tokens"] for r in maj], [100 * r["accuracy"] for r in maj], "o-", color="gray",
                 label="plain majority@k (k=1..16)")
-        for name, marker, color in (("stop", "s", "C0"), ("stop+adaptive", "D", "C1")):
+        for name, marker, color in (("stop", "s", "C0"), ("stop+adaptive", "D", "C1"),
+                                    ("adaptive only (no halting)", "^", "C2")):
             r = next(x for x in rs if x["arm"] == name)
             ax.scatter([r["tokens"]], [100 * r["accuracy"]], marker=marker, s=60, color=color, zorder=5,
                        label=f"{name} ({100 * r['tokens_saved']:.0f}% fewer tokens)")
