@@ -195,12 +195,15 @@ def policy_dir():
 
 @pytest.mark.engine
 def test_vllm_pooling_prm_matches_torch(tmp_path_factory, policy_dir):
-    """A Qwen2ForProcessRewardModel saved by the testbed trainer (random head on the policy
-    backbone) loads in vLLM and scores exactly like the torch module."""
+    """A Qwen2ForProcessRewardModel saved by the testbed trainer (policy backbone + one new
+    layer, all of it perturbed, random head) loads in vLLM and scores like the torch module."""
     from ttc_vllm.testbed.train_prm import build_model, predict, save
 
     torch.manual_seed(0)
-    model, config = build_model(policy_dir)
+    model, config, _ = build_model(policy_dir, extra_layers=1)
+    with torch.no_grad():  # the new layer must matter: its zeroed projections get weights
+        for p in model.model.layers[-1].parameters():
+            p.add_(0.02 * torch.randn_like(p))
     out = tmp_path_factory.mktemp("prm")
     save(model, config, policy_dir, out)
     scorer = VLLMPoolingPRM(PRMConfig.testbed(model=str(out), engine_kwargs=ENGINE))

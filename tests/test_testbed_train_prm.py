@@ -67,3 +67,44 @@ def test_held_out_is_a_stable_problem_split():
     share = sum(held_out(k, 0.15, 0) for k in keys) / len(keys)
     assert 0.12 < share < 0.18
     assert [held_out(k, 0.15, 0) for k in keys[:50]] == [held_out(k, 0.15, 0) for k in keys[:50]]
+
+
+def test_surprise_targets_running_min_over_the_completion():
+    from ttc_vllm.testbed.train_prm import completion_mask, surprise_targets
+
+    # vocab 3; policy probs per position predict the NEXT token
+    probs = torch.tensor([[[0.8, 0.1, 0.1],    # -> token at 1 is 0: r = 1
+                           [0.1, 0.8, 0.1],    # -> token at 2 is 2: r = 0.1 / 0.8
+                           [0.5, 0.5, 0.0],    # -> token at 3 is 1 (tag): ignored
+                           [0.4, 0.2, 0.4],    # -> token at 4 is 0: r = 1
+                           [1.0, 0.0, 0.0]]])
+    ids = torch.tensor([[0, 0, 2, 1, 0]])
+    comp = completion_mask([5], [1], 5)
+    assert comp.tolist() == [[False, True, True, True, True]]
+    got = surprise_targets(probs.clamp_min(1e-9).log(), ids, tag_id=1, completion_mask=comp, floor=0.25)
+    r2 = (0.1 / 0.8) / 0.25
+    assert got[0].tolist() == pytest.approx([1.0, 1.0, r2, r2, r2])
+
+
+def test_extra_layers_start_as_the_policy_and_teacher_is_the_policy():
+    from transformers import AutoModelForCausalLM
+
+    from ttc_vllm.testbed import policy_path
+    from ttc_vllm.testbed.train_prm import build_model
+
+    if not (policy_path() / "model.safetensors").exists():
+        pytest.skip("no shipped policy")
+    model, config, teacher = build_model(policy_path(), extra_layers=2)
+    assert config.num_hidden_layers == 6 and len(config.layer_types) == 6
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "model.layers.3.mlp.up_proj.weight" in frozen and "model.embed_tokens.weight" in frozen
+    assert "model.layers.4.mlp.up_proj.weight" not in frozen and "model.norm.weight" not in frozen
+    policy = AutoModelForCausalLM.from_pretrained(str(policy_path()), dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 60, 61, 62, 70, 71]])
+    with torch.no_grad():
+        _, base = model(ids, return_base=True)
+        want = torch.log_softmax(policy(ids).logits, -1)
+        hidden = model.model(input_ids=ids).last_hidden_state
+        policy_hidden = policy.model(input_ids=ids).last_hidden_state
+    assert torch.allclose(teacher(base), want, atol=1e-4)
+    assert torch.allclose(hidden, policy_hidden, atol=1e-5)  # new layers start as identity

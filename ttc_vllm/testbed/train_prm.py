@@ -1,14 +1,25 @@
 """Train the testbed PRM: a `Qwen2ForProcessRewardModel` on Monte-Carlo step labels.
 
     python -m ttc_vllm.testbed.train_prm --labels LABELS.jsonl [MORE.jsonl ...] --policy POLICY_DIR
-        --out DIR [--minutes M] [--epochs E] [--seed S] [--no-verify]
+        --out DIR [--minutes M] [--epochs E] [--extra-layers L] [--aux-weight W] [--no-verify]
 
-The backbone starts from the trained policy's transformer (it already reads the task); the
-score head is vLLM's: Linear(h, h) -> ReLU -> Linear(h, 2), both with bias (vLLM's
-ColumnParallelLinear / RowParallelLinear default to bias=True). Loss: soft-label cross
-entropy at the tag closing each step, target [1 - mc_value, mc_value] (column 1 = good).
-Inputs are built by the scorer's own `token_ids_input`, so training and serving see the same
-tokens (a final step's EOS replaced by the tag).
+Model: the trained policy's transformer, frozen, plus `--extra-layers` new layers on top
+(copies of its last layer whose output projections start at zero, so training starts from
+the policy's own hidden states), and vLLM's score head Linear(h, h) -> ReLU -> Linear(h, 2),
+both with bias (vLLM's ColumnParallelLinear / RowParallelLinear default to bias=True).
+
+Why new layers: a step is wrong when the policy wrote a token it did not expect (a slip).
+The policy "knows" that only in its next-token distribution at the position BEFORE the slip;
+probes show its hidden state at the step tag does not carry it. Reading "prediction at t-1 vs
+token at t" and then pooling that over the trace into the tag takes two more attention layers
+than the policy has. With --extra-layers 0 the whole policy is fine-tuned instead.
+
+Loss: soft-label cross entropy at the tag closing each step, target [1 - mc, mc] (column 1 =
+good); plus, with extra layers, `--aux-weight` x the same loss at every completion token
+against dense targets from the frozen policy itself (`surprise_targets`: running minimum of
+p(token)/max p, floored) -- self-supervision that teaches the new layers to find slips. No
+ground truth is used for training. Inputs are built by the scorer's own `token_ids_input`, so
+training and serving see the same tokens (a final step's EOS replaced by the tag).
 
 Held-out problems (a hash split) give the step-level AUC against `exact_prefix_correct`
 (the testbed's exact ground truth) and against `mc_value > 0.5`. The saved directory loads
@@ -100,27 +111,83 @@ def soft_step_loss(logits, targets):
     return -(targets * logp[:, 1] + (1 - targets) * logp[:, 0]).mean()
 
 
-def build_model(policy_dir: Path):
-    """A Qwen2 PRM in torch: the policy's transformer + vLLM's score head."""
+def build_model(policy_dir: Path, extra_layers: int = 0):
+    """A Qwen2 PRM in torch: the policy's transformer (+ `extra_layers` new layers on top) and
+    vLLM's score head. New layers start as copies of the policy's last layer with their output
+    projections zeroed, so the PRM's hidden states start equal to the policy's. Returns
+    (model, config, teacher): `teacher(ids, base_hidden)` is the frozen policy's next-token
+    log-probs from the policy layers' output (None when extra_layers == 0)."""
+    import copy
+
     import torch
     from torch import nn
-    from transformers import Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM, Qwen2Model
 
     policy = Qwen2ForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
-    config = policy.config
+    base_layers = policy.config.num_hidden_layers
+    config = copy.deepcopy(policy.config)
+    config.num_hidden_layers = base_layers + extra_layers
+    config.layer_types = ["full_attention"] * config.num_hidden_layers
+    config.tie_word_embeddings = False
     h = config.hidden_size
+    backbone = Qwen2Model(config)
+    state = policy.model.state_dict()
+    last = f"layers.{base_layers - 1}."
+    for k in range(extra_layers):
+        for name, tensor in list(state.items()):
+            if name.startswith(last):
+                new = tensor.clone()
+                if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+                    new.zero_()  # the new layer adds nothing to the residual stream yet
+                state[f"layers.{base_layers + k}." + name[len(last):]] = new
+    backbone.load_state_dict(state)
 
     class Qwen2PRM(nn.Module):
         def __init__(self):
             super().__init__()
-            self.model = policy.model
+            self.model = backbone
             self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2))
+            self.base_layers = base_layers
+            self._base = None
+            backbone.layers[base_layers - 1].register_forward_hook(self._keep_base)
 
-        def forward(self, input_ids, attention_mask=None):
+        def _keep_base(self, module, args, output):
+            self._base = output[0] if isinstance(output, tuple) else output
+
+        def forward(self, input_ids, attention_mask=None, return_base: bool = False):
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return self.score(hidden)
+            logits = self.score(hidden)
+            return (logits, self._base) if return_base else logits
 
-    return Qwen2PRM(), config
+    model = Qwen2PRM()
+    teacher = None
+    if extra_layers:
+        for p in list(model.model.embed_tokens.parameters()) + [
+                q for layer in model.model.layers[:base_layers] for q in layer.parameters()]:
+            p.requires_grad_(False)  # the policy part stays the policy: the teacher reads it
+        norm = copy.deepcopy(policy.model.norm).requires_grad_(False)
+        head = policy.lm_head.weight.detach().clone()
+
+        def teacher(base_hidden):
+            with torch.no_grad():
+                return torch.log_softmax(norm(base_hidden) @ head.T, dim=-1)
+    return model, config, teacher
+
+
+def surprise_targets(logp, ids, tag_id: int, completion_mask, floor: float = 0.2):
+    """Dense "still on track" targets from the frozen policy: at each completion position, the
+    running minimum over the completion so far of min(1, r / floor), where r = p(token) /
+    max_v p(v) under the policy. A token the policy found unlikely (a slip) drags every later
+    position down; ordinary branching (which term to add next) keeps r near 1. Prompt,
+    padding and step-tag positions count as 1."""
+    import torch
+
+    r = torch.ones(ids.shape, dtype=torch.float32)
+    actual = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    r[:, 1:] = torch.exp(actual - logp[:, :-1].max(-1).values)
+    r = torch.clamp(r / floor, max=1.0)
+    r = torch.where(completion_mask & (ids != tag_id), r, torch.ones_like(r))
+    return torch.cummin(r, dim=1).values
 
 
 def batches(items: list, size: int, rng: random.Random | None):
@@ -192,7 +259,8 @@ def save(model, config, policy_dir: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if k.startswith(("model.", "score."))}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = config.to_dict()
     cfg.update(architectures=["Qwen2ForProcessRewardModel"], num_labels=2,
@@ -223,9 +291,17 @@ def verify_in_vllm(out: Path, model, inputs, traces: list[Trace], pad_id: int) -
 EVAL_TRACES_PER_EPOCH = 300  # the per-epoch curve uses a fixed subset; the final test uses all
 
 
+def completion_mask(lengths: Sequence[int], prompt_lengths: Sequence[int], width: int):
+    """[B, width] bool: positions of the completion (after the prompt, before padding)."""
+    import torch
+
+    pos = torch.arange(width)[None, :]
+    return (pos >= torch.tensor(prompt_lengths)[:, None]) & (pos < torch.tensor(lengths)[:, None])
+
+
 def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minutes: float,
-          batch: int, lr: float, seed: int, threads: int, holdout: float,
-          verify: bool) -> dict[str, Any]:
+          batch: int, lr: float, seed: int, threads: int, holdout: float, verify: bool,
+          extra_layers: int = 2, aux_weight: float = 0.5) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
@@ -236,22 +312,24 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
         part = traces_from_rows(read_jsonl(path))
         data.extend(part)
         source.extend([str(path)] * len(part))
-    model, config = build_model(policy_dir)
+    model, config, teacher = build_model(policy_dir, extra_layers)
+    use_aux = teacher is not None and aux_weight > 0
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     tag_id, eos_id = _tag_and_eos(policy_dir)
     inputs = [token_ids_input(d.trace, tag_id, eos_id) for d in data]
     test_idx = [i for i, d in enumerate(data) if held_out(d.problem_key, holdout, seed)]
     test_set = set(test_idx)
     train_idx = [i for i in range(len(data)) if i not in test_set]
-    train_items = [(inputs[i], data[i].mc_values) for i in train_idx]
+    train_items = [(inputs[i], data[i].mc_values, len(data[i].trace.prompt_ids)) for i in train_idx]
 
-    head = [p for n, p in model.named_parameters() if n.startswith("score.")]
-    body = [p for n, p in model.named_parameters() if not n.startswith("score.")]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in trainable if n.startswith("score.")]
+    body = [p for n, p in trainable if not n.startswith("score.")]
     opt = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": lr * 3}],
                             weight_decay=0.01)
     total_steps = epochs * math.ceil(len(train_items) / batch)
     base = [g["lr"] for g in opt.param_groups]
-    curve_idx = test_idx[:EVAL_TRACES_PER_EPOCH]
+    curve_idx = sorted(random.Random(seed).sample(test_idx, min(EVAL_TRACES_PER_EPOCH, len(test_idx))))
     t0, step, curve = time.time(), 0, []
     for epoch in range(epochs):
         model.train()
@@ -262,12 +340,20 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
             frac = max(step / max(1, total_steps), (time.time() - t0) / (minutes * 60))
             for g, b in zip(opt.param_groups, base):  # short warm-up, cosine decay
                 g["lr"] = b * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-            ids, mask, rows, cols = collate([x for x, _ in chunk], pad_id)
-            targets = torch.tensor([m for _, ms in chunk for m in ms], dtype=torch.float32)
-            loss = soft_step_loss(model(ids, mask)[rows, cols], targets)
+            ids, mask, rows, cols = collate([x for x, _, _ in chunk], pad_id)
+            targets = torch.tensor([m for _, ms, _ in chunk for m in ms], dtype=torch.float32)
+            if use_aux:
+                logits, base_hidden = model(ids, mask, return_base=True)
+                comp = completion_mask([len(x.token_ids) for x, _, _ in chunk],
+                                       [n for _, _, n in chunk], ids.shape[1])
+                dense = surprise_targets(teacher(base_hidden), ids, tag_id, comp)
+                loss = (soft_step_loss(logits[rows, cols], targets)
+                        + aux_weight * soft_step_loss(logits[comp], dense[comp]))
+            else:
+                loss = soft_step_loss(model(ids, mask)[rows, cols], targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
             opt.step()
             step += 1
         metrics = evaluate(predict(model, [inputs[i] for i in curve_idx], pad_id),
@@ -287,6 +373,7 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
     record: dict[str, Any] = {
         "labels": [str(p) for p in labels], "policy": str(policy_dir), "seed": seed,
         "epochs_run": len(curve), "steps": step, "batch": batch, "lr": lr,
+        "extra_layers": extra_layers, "aux_weight": aux_weight if use_aux else 0.0,
         "seconds": round(train_s, 1), "params": sum(p.numel() for p in model.parameters()),
         "train_traces": len(train_idx), "test_traces": len(test_idx),
         "test": evaluate(test_scores, [data[i] for i in test_idx]), "test_by_labels": by_source,
@@ -320,10 +407,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--holdout", type=float, default=0.15, help="share of problems held out")
+    ap.add_argument("--extra-layers", type=int, default=2,
+                    help="new transformer layers on top of the (frozen) policy layers")
+    ap.add_argument("--aux-weight", type=float, default=0.5,
+                    help="weight of the dense policy-surprise targets (needs --extra-layers > 0)")
     ap.add_argument("--no-verify", action="store_true", help="skip the vLLM load/score check")
     a = ap.parse_args(argv)
+    if a.extra_layers < 0 or a.aux_weight < 0:
+        ap.error("--extra-layers and --aux-weight must be >= 0")
     rec = train(a.labels, a.policy, a.out, a.epochs, a.minutes, a.batch, a.lr, a.seed,
-                a.threads, a.holdout, not a.no_verify)
+                a.threads, a.holdout, not a.no_verify, a.extra_layers, a.aux_weight)
     print(json.dumps({k: v for k, v in rec.items() if k != "curve"}))
     return rec
 
