@@ -14,12 +14,14 @@ reserve. Arms:
   budget+halting   the same plus token-confidence halting (tail over 64 tokens, tau 1e6)
   budget+entropy   the same with the entropy signal (the costlier one: a full softmax)
 Reported: generated tokens/s per arm per round, and per round the ratio to plain in the same
-round; the median ratio over rounds is the number. Writes
+round; the median ratio over rounds is the number. Also tokens per CPU-second of the engine's
+process tree (less sensitive to other jobs on a shared machine than wall-clock time). Writes
 benchmarks/results/controls_overhead.json and .png.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -59,36 +61,46 @@ def main() -> None:
     prm = {arm: cc.params(ARMS[arm], temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True) for arm in arms}
 
     def run(arm: str) -> tuple[float, int, int]:
+        c = cpu_seconds()
         t = time.perf_counter()
         outs = llm.generate(prompts, prm[arm], use_tqdm=False)
         dt = time.perf_counter() - t
+        cpu[arm].append(cpu_seconds() - c)
         toks = [list(o.outputs[0].token_ids) for o in outs]
         n = sum(len(x) for x in toks)
         # Both sides must do the same work: every request runs to max_tokens.
         short = sum(len(x) != a.max_tokens for x in toks)
         return n / dt, n, short
 
+    cpu: dict[str, list[float]] = {arm: [] for arm in arms}
     for arm in arms:   # warm-up round (allocations, first-touch of the controller's tensors)
         run(arm)
     tput: dict[str, list[float]] = {arm: [] for arm in arms}
+    cpu_tput: dict[str, list[float]] = {arm: [] for arm in arms}   # tokens per CPU-second of the engine
     short_total = 0
     for r in range(a.rounds):
         order = arms[r % len(arms):] + arms[:r % len(arms)]
         for arm in order:
             tps, n, short = run(arm)
             tput[arm].append(tps)
+            cpu_tput[arm].append(n / cpu[arm][-1])
             short_total += short
         print(f"round {r + 1}: " + "  ".join(f"{arm} {tput[arm][-1]:.0f}" for arm in arms) + " tok/s", flush=True)
     ratios = {arm: [tput[arm][i] / tput["plain"][i] for i in range(a.rounds)] for arm in arms}
+    cpu_ratios = {arm: [cpu_tput[arm][i] / cpu_tput["plain"][i] for i in range(a.rounds)] for arm in arms}
     rows = []
     for arm in arms:
         rows.append(dict(arm=arm, tokens_per_s_median=statistics.median(tput[arm]),
                          tokens_per_s=tput[arm], ratio_median=statistics.median(ratios[arm]),
-                         ratio_min=min(ratios[arm]), ratio_max=max(ratios[arm]), ratios=ratios[arm]))
+                         ratio_min=min(ratios[arm]), ratio_max=max(ratios[arm]), ratios=ratios[arm],
+                         tokens_per_cpu_s=cpu_tput[arm], cpu_ratio_median=statistics.median(cpu_ratios[arm]),
+                         cpu_ratios=cpu_ratios[arm]))
     print(f"\nbatch {a.batch}, {a.max_tokens} tokens each (ignore_eos), {a.rounds} alternating rounds:")
-    print(cc.table(["arm", "tok/s (median)", "ratio median", "ratio min", "ratio max"],
+    print(cc.table(["arm", "tok/s (median)", "ratio median", "ratio min", "ratio max", "CPU-time ratio"],
                    [[r["arm"], f"{r['tokens_per_s_median']:.0f}", f"{r['ratio_median']:.3f}",
-                     f"{r['ratio_min']:.3f}", f"{r['ratio_max']:.3f}"] for r in rows]))
+                     f"{r['ratio_min']:.3f}", f"{r['ratio_max']:.3f}", f"{r['cpu_ratio_median']:.3f}"] for r in rows]))
+    print(f"load average after the run: {os.getloadavg()[0]:.2f} (wall-clock ratios are noisy when other jobs run; "
+          "the CPU-time ratio compares tokens per CPU-second of this process tree)")
     target = next(r for r in rows if r["arm"] == TARGET_ARM) if TARGET_ARM in arms else None
     met = target is not None and target["ratio_median"] >= 0.97
     if target is not None:
@@ -98,11 +110,28 @@ def main() -> None:
         "model": cc.model_name(a), "batch": a.batch, "max_tokens": a.max_tokens, "rounds": a.rounds,
         "arms": {arm: ARMS[arm] for arm in arms}, "rows": rows, "short_requests": short_total,
         "target": {"arm": TARGET_ARM, "ratio_min": 0.97, "met": met}, "seconds": round(time.time() - t0, 1),
+        "load_average_1m_after": os.getloadavg()[0],
         "marker_ids": {"think_start": ids.think_start, "think_end": ids.think_end},
     })
     plot(rows, a, cc.RESULTS / "controls_overhead.png")
     print(f"wrote {path} and {cc.RESULTS / 'controls_overhead.png'}")
     cc.shutdown(llm)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and all its descendants (the engine core
+    and worker processes included)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def plot(rows, a, path) -> None:
