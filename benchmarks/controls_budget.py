@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
+
 import controls_common as cc
 
 
@@ -184,6 +186,7 @@ def plot(rows, tiers, budgets, modes, path, problems) -> None:
             ax2.plot(xs, [r["mean_thinking_tokens"] for r in rs], styles[mode], marker="o", ms=3, color=color,
                      label=f"{tier}, conclusion={mode}")
     for ax in (ax1, ax2):
+        ax.set_xscale("function", functions=(np.sqrt, np.square))   # spreads the small budgets
         ax.set_xticks(xs)
         ax.set_xticklabels([budget_label(b) for b in budgets], fontsize=7)
         ax.set_xlabel("max_think (thinking-token budget)")
@@ -193,7 +196,7 @@ def plot(rows, tiers, budgets, modes, path, problems) -> None:
     ax2.set_ylabel("mean thinking tokens")
     ax1.set_title(f"accuracy vs budget ({problems}/tier)")
     ax2.set_title("thinking tokens actually used")
-    ax1.legend(fontsize=7, loc="lower right")
+    ax2.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
