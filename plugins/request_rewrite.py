@@ -44,7 +44,8 @@ EFFORT_ALIASES = {"minimal": "low", "xhigh": "high", "max": "high"}
 # Per-trace controls: they act inside one engine request, and a search spreads a trace over
 # many requests, so they are refused together with `search` rather than silently ignored.
 PER_TRACE_FIELDS = ("max_think", "budget_tokens", "min_think", "reasoning_effort",
-                    "answer_reserve", "conclusion", "continuation", "max_extensions", "halting")
+                    "answer_reserve", "conclusion", "answer_prefix", "continuation", "max_extensions",
+                    "halting")
 
 # Body fields a server-side search cannot honour: it returns one chosen trace, without
 # log-probs, built by its own sampling loop.

@@ -327,3 +327,39 @@ def test_random_batches_never_exceed_caps(seed):
         if END in out and not ended_early:
             assert think >= floor or (cap is not None and cap - conc_len < floor) or (
                 out_limit is not None and out_limit - conc_len < floor)
+
+
+ANS = (25, 26)
+
+
+def test_answer_prefix_forced_after_conclusion_and_not_counted_as_thinking():
+    c = ctrl()
+    c.add(0, params(think_cap=7, answer_prefix_ids=ANS))
+    out = greedy_run(c, [0], 13, lambda t, i, o: WORD)[0]
+    # 4 free + 3 conclusion = 7 thinking tokens, </think>, the answer prefix, then the model
+    assert out[:11] == [WORD] * 4 + list(CONC) + [END] + list(ANS) + [WORD]
+    rec = c.remove(0)
+    assert (rec.reason, rec.thinking_tokens, rec.phase) == ("budget", 7, "answering")
+
+
+def test_answer_prefix_after_halting_conclusion_but_not_after_a_natural_end():
+    c = ctrl()
+    halt = C.HaltingParams(H.SIGNAL_TOKEN, H.AGG_TAIL, 5, 2, 0.0, True, False, 3)
+    c.add(0, params(halting=halt, answer_prefix_ids=ANS))
+    c.add(1, params(answer_prefix_ids=ANS))
+    # slot 1's model ends thinking by itself after 2 tokens: no prefix is forced then
+    outs = greedy_run(c, [0, 1], 10, lambda t, i, o: END if (i == 1 and t == 2) else WORD)
+    k = outs[0].index(END)
+    assert outs[0][k - len(CONC):k] == list(CONC) and outs[0][k + 1:k + 3] == list(ANS)
+    assert outs[1][:4] == [WORD, WORD, END, WORD]
+    assert c.remove(0).reason == "halt" and c.remove(1).reason == "natural"
+
+
+def test_answer_prefix_with_a_cap_too_small_for_the_conclusion():
+    c = ctrl()
+    c.add(0, params(think_cap=1, answer_prefix_ids=ANS))
+    out = greedy_run(c, [0], 6, lambda t, i, o: WORD)[0]
+    # no room for the phrase: </think> at once (forcing starts once left <= len(conclusion)),
+    # then the answer prefix, then the model
+    assert out[:4] == [END] + list(ANS) + [WORD]
+    assert c.remove(0).thinking_tokens == 0

@@ -8,11 +8,12 @@ import random
 
 import pytest
 
-from ttc_vllm.testbed.task import generate, prompt
+from ttc_vllm.testbed.task import extract_answer, generate, prompt
 
 pytestmark = pytest.mark.engine
 
 CONCLUSION = "\nTime is up, concluding."
+ANSWER_PREFIX = "\nAnswer: "
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,8 @@ def ids(llm):
     tok = llm.get_tokenizer()
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     return dict(start=tok.convert_tokens_to_ids("<think>"), end=tok.convert_tokens_to_ids("</think>"),
-                eos=tok.eos_token_id, conclusion=enc(CONCLUSION), wait=enc("\nWait,"))
+                eos=tok.eos_token_id, conclusion=enc(CONCLUSION), wait=enc("\nWait,"),
+                answer_prefix=enc(ANSWER_PREFIX))
 
 
 def thinking_tokens(token_ids, start, end):
@@ -52,18 +54,21 @@ def prompts(n, seed=0):
 
 def test_random_budgets_never_exceeded(llm, ids):
     """The issue's acceptance run: 500 requests with random budgets 0..200 and n 1..3 over all
-    tiers; no trace thinks past its cap, and every capped trace ends its thinking with the
-    conclusion, then </think>, exactly at the cap."""
+    tiers; no trace thinks past its cap, every capped trace ends its thinking with the
+    conclusion, then </think>, exactly at the cap; with `answer_prefix` (half the requests)
+    every capped trace then has an answer line."""
     rng = random.Random(0)
     problems = [p for tier in ("easy", "medium", "hard") for p in generate(tier, 84, 7)][:250]
     reqs = []
-    for p in problems:
+    for i, p in enumerate(problems):
         cap = rng.randint(0, 200)
-        reqs.append((prompt(p), cap, sampling({"max_think": cap}, n=rng.choice([1, 2, 3]), temperature=1.0,
+        ttc = {"max_think": cap, **({"answer_prefix": ANSWER_PREFIX} if i % 2 else {})}
+        reqs.append((prompt(p), cap, sampling(ttc, n=rng.choice([1, 2, 3]), temperature=1.0,
                                               max_tokens=cap + 40)))
     outs = llm.generate([r[0] for r in reqs], [r[2] for r in reqs], use_tqdm=False)
-    conc, forced, sequences = ids["conclusion"], 0, 0
-    for (_, cap, params), out in zip(reqs, outs):
+    conc, forced, sequences, answered = ids["conclusion"], 0, 0, 0
+    prefix = ids["answer_prefix"]
+    for i, ((_, cap, params), out) in enumerate(zip(reqs, outs)):
         assert len(out.outputs) == params.n
         for o in out.outputs:
             sequences += 1
@@ -75,15 +80,20 @@ def test_random_budgets_never_exceeded(llm, ids):
                 assert ids["end"] in tids
                 if cap >= len(conc):
                     assert block[-len(conc):] == conc and len(block) == cap
-                    # The controller guarantees conclusion + </think>. Whether an answer line
-                    # follows is the model's part: the testbed policy, never trained on cut
-                    # thinking, often keeps computing after </think> (see the README).
                 else:
-                    # too small for the phrase: </think> only (the testbed model, never trained
-                    # on empty thinking, may then restate steps or stop without an answer)
-                    assert block == []
+                    assert block == []  # too small for the phrase: </think> only
+                if i % 2:
+                    # s1's "Final Answer:": the prefix right after </think>, then the model's
+                    # number -- an answer line on every capped trace
+                    k = len(block) + 1
+                    assert tids[k:k + len(prefix)] == prefix
+                    assert extract_answer(o.text) is not None, o.text
+                    answered += 1
+                # Without answer_prefix, whether an answer line follows is the model's part:
+                # the testbed policy, never trained on cut thinking, often keeps computing
+                # after </think> (see the README).
     assert len(reqs) == 250 and sequences >= 450
-    assert forced > 100
+    assert forced > 100 and answered > 50
 
 
 def test_answer_reserve_keeps_room_for_the_answer(llm, ids):

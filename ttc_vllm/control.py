@@ -10,7 +10,9 @@ Phases of a slot:
              reopens thinking)
   THINKING   free thinking: counted, watched by budget / halting / min-think rules
   FORCING    emitting a forced token sequence one token per step:
-             CONCLUSION = conclusion ids + `</think>` (budget hit, or halting "conclude"),
+             CONCLUSION = conclusion ids + `</think>` [+ answer prefix ids] (budget hit,
+             or halting "conclude"; the answer prefix, s1's "Final Answer:", makes a cut
+             trace answer instead of thinking on after `</think>`),
              CONTINUATION = e.g. "\\nWait," (model tried to end before min_think),
              EOS = [eos] (halting "stop")
   ANSWERING  after `</think>`
@@ -41,8 +43,8 @@ UNLIMITED = 1 << 60
 # Columns of the int64 per-slot state matrix (one gather / one scatter per step).
 (C_PHASE, C_COUNT, C_SEEN, C_CAP, C_OUTLIM, C_MIN, C_EXT, C_MAXEXT, C_KIND, C_FPOS, C_REASON,
  C_HSTEP, C_LEN_CONC, C_LEN_CONT, C_LEN_EOS, C_HON, C_HTOPK, C_HABOVE, C_HSTOP, C_HMIN,
- C_SIGNAL) = range(21)
-NUM_INT_COLS = 21
+ C_SIGNAL, C_CONC_END) = range(22)
+NUM_INT_COLS = 22
 # Columns of the float32 per-slot state matrix.
 F_TAU, F_PENDING = range(2)
 
@@ -82,6 +84,7 @@ class SlotParams:
     min_think: int = 0
     max_extensions: int = 0
     conclusion_ids: tuple[int, ...] = ()
+    answer_prefix_ids: tuple[int, ...] = ()  # forced after `</think>` of a forced conclusion
     continuation_ids: tuple[int, ...] = ()
     suppress_ids: tuple[int, ...] = ()   # stop tokens blocked below min_think (</think> always)
     eos_id: int | None = None            # forced by halting action "stop"
@@ -103,6 +106,7 @@ class SlotParams:
             think_cap=rb.think_cap, out_limit=rb.out_limit, min_think=rb.min_think,
             max_extensions=options.max_extensions,
             conclusion_ids=tuple(encode(options.conclusion)) if options.conclusion else (),
+            answer_prefix_ids=tuple(encode(options.answer_prefix)) if options.answer_prefix else (),
             continuation_ids=tuple(encode(options.continuation)) if options.continuation else (),
             suppress_ids=tuple(sorted(set(stop_ids) | ({eos_id} if eos_id is not None else set()))),
             eos_id=eos_id,
@@ -171,7 +175,7 @@ class ThinkingController:
     def add(self, slot: int, p: SlotParams) -> None:
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
-        conc = list(p.conclusion_ids) + [self.markers.think_end]
+        conc = list(p.conclusion_ids) + [self.markers.think_end] + list(p.answer_prefix_ids)
         cont = list(p.continuation_ids)
         eos = [p.eos_id] if p.eos_id is not None else [self.markers.think_end]
         self._fit_seqs(max(len(conc), len(cont), 1))
@@ -193,6 +197,7 @@ class ThinkingController:
         row[C_MIN] = p.min_think
         row[C_MAXEXT] = p.max_extensions if cont else 0
         row[C_LEN_CONC], row[C_LEN_CONT], row[C_LEN_EOS] = len(conc), len(cont), len(eos)
+        row[C_CONC_END] = len(p.conclusion_ids)  # index of `</think>` in the conclusion sequence
         h = p.halting
         if h is not None:
             row[C_HON], row[C_HTOPK], row[C_HABOVE] = 1, h.top_k, int(h.above)
@@ -287,14 +292,20 @@ class ThinkingController:
         broke = has & forcing & ~follows
         in_think = (ph == PHASE_THINKING) | forcing
         eos_forced = forcing & (kind == SEQ_EOS)   # a forced EOS ends the request, not a thought
-        count1 = count + (has & in_think & ~is_end & ~eos_forced).long()
+        # forced answer-prefix tokens (after the conclusion's `</think>`) are answer, not thought
+        past_end = forcing & (kind == SEQ_CONCLUSION) & (fpos > st[:, C_CONC_END])
+        count1 = count + (has & in_think & ~is_end & ~eos_forced & ~past_end).long()
         h_on = st[:, C_HON] > 0
         if self._halting:
             self.windows.push(s, fl[:, F_PENDING], has & (ph == PHASE_THINKING) & ~is_end & h_on)
         reopen = has & ((ph == PHASE_BEFORE) | (ph == PHASE_ANSWERING)) & (tok == self.markers.think_start)
         ph1 = torch.where(reopen, PHASE_THINKING, ph)
-        ph1 = torch.where((seq_done & (kind == SEQ_CONTINUATION)) | broke, PHASE_THINKING, ph1)
-        ph1 = torch.where(has & in_think & is_end, PHASE_ANSWERING, ph1)
+        ph1 = torch.where((seq_done & (kind == SEQ_CONTINUATION)) | (broke & ~past_end),
+                          PHASE_THINKING, ph1)
+        # `</think>` ends thinking, unless a forced answer prefix still follows it
+        ph1 = torch.where(has & in_think & is_end & ~(follows & ~seq_done), PHASE_ANSWERING, ph1)
+        ph1 = torch.where((seq_done & (kind == SEQ_CONCLUSION)) | (broke & past_end),
+                          PHASE_ANSWERING, ph1)
         ph1 = torch.where(seq_done & (kind == SEQ_EOS), PHASE_DONE, ph1)
         reason, hstep = st[:, C_REASON], st[:, C_HSTEP]
         natural = has & (ph == PHASE_THINKING) & is_end & (reason == REASON_NONE)
@@ -304,7 +315,7 @@ class ThinkingController:
         # 2. Decide: budget > halting > min-think extension.
         free = ph1 == PHASE_THINKING
         cont_forcing = (ph1 == PHASE_FORCING) & (kind == SEQ_CONTINUATION)
-        conc_len = st[:, C_LEN_CONC] - 1
+        conc_len = st[:, C_CONC_END]   # conclusion tokens before `</think>`
         left = torch.minimum(st[:, C_CAP] - count1, st[:, C_OUTLIM] - out_len)
         budget_hit = (free | cont_forcing) & (left <= conc_len)
         min_think = st[:, C_MIN]

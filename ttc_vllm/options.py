@@ -106,6 +106,9 @@ class TTCOptions(BaseModel):
     reasoning_effort: Literal["none", "low", "medium", "high"] | None = None
     answer_reserve: int = Field(16, ge=0, description="tokens kept for the answer within max_tokens")
     conclusion: str | None = Field(DEFAULT_CONCLUSION, max_length=MAX_FORCED_TEXT_CHARS)
+    # s1's "Final Answer:": forced right after the `</think>` of a forced conclusion (budget
+    # or halting), so a cut trace answers; None leaves the answer to the model.
+    answer_prefix: str | None = Field(None, min_length=1, max_length=MAX_FORCED_TEXT_CHARS)
     continuation: str = Field(DEFAULT_CONTINUATION, max_length=MAX_FORCED_TEXT_CHARS)
     max_extensions: int = Field(8, ge=0, description="continuations injected at most")
     halting: HaltingOptions | None = None
