@@ -108,3 +108,12 @@ def test_extra_layers_start_as_the_policy_and_teacher_is_the_policy():
         policy_hidden = policy.model(input_ids=ids).last_hidden_state
     assert torch.allclose(teacher(base), want, atol=1e-4)
     assert torch.allclose(hidden, policy_hidden, atol=1e-5)  # new layers start as identity
+
+
+def test_step_targets_hard_and_soft():
+    from ttc_vllm.testbed.train_prm import step_targets
+
+    assert step_targets([0.0, 0.2, 1.0], "soft") == [0.0, 0.2, 1.0]
+    assert step_targets([0.0, 0.2, 1.0], "hard") == [0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="label"):
+        step_targets([0.5], "fuzzy")

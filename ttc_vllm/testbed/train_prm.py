@@ -1,7 +1,8 @@
 """Train the testbed PRM: a `Qwen2ForProcessRewardModel` on Monte-Carlo step labels.
 
     python -m ttc_vllm.testbed.train_prm --labels LABELS.jsonl [MORE.jsonl ...] --policy POLICY_DIR
-        --out DIR [--minutes M] [--epochs E] [--extra-layers L] [--aux-weight W] [--no-verify]
+        --out DIR [--minutes M] [--epochs E] [--extra-layers L] [--aux-weight W]
+        [--label hard|soft] [--no-verify]
 
 Model: the trained policy's transformer, frozen, plus `--extra-layers` new layers on top
 (copies of its last layer whose output projections start at zero, so training starts from
@@ -14,8 +15,12 @@ probes show its hidden state at the step tag does not carry it. Reading "predict
 token at t" and then pooling that over the trace into the tag takes two more attention layers
 than the policy has. With --extra-layers 0 the whole policy is fine-tuned instead.
 
-Loss: soft-label cross entropy at the tag closing each step, target [1 - mc, mc] (column 1 =
-good); plus, with extra layers, `--aux-weight` x the same loss at every completion token
+Loss: soft-label cross entropy at the tag closing each step, target [1 - y, y] (column 1 =
+good) with y from the step's MC value: `--label hard` (default; Math-Shepherd HE) y = 1 when
+any rollout reached the right answer, `--label soft` (SE) y = the value. Measured on the
+testbed: SE-trained PRMs learn difficulty / distance to the end (held-out AUC vs the exact
+ground truth ~0.6) while HE-trained ones rank right steps above wrong ones (~0.8 after one
+epoch); plus, with extra layers, `--aux-weight` x the same loss at every completion token
 against dense targets from the frozen policy itself (`surprise_targets`: running minimum of
 p(token)/max p, floored) -- self-supervision that teaches the new layers to find slips. No
 ground truth is used for training. Inputs are built by the scorer's own `token_ids_input`, so
@@ -77,6 +82,20 @@ def traces_from_rows(rows: Sequence[dict[str, Any]]) -> list[LabelledTrace]:
             json.dumps(last["problem"], sort_keys=True),
         ))
     return out
+
+
+def step_targets(mc_values: Sequence[float], label: str) -> list[float]:
+    """Training targets P(good) per step from MC values: "soft" = the value itself (Math-
+    Shepherd SE), "hard" = 1 when any rollout reached the right answer (HE). Soft targets of
+    a hard problem's early, right steps are small (the policy rarely finishes it), so a PRM
+    trained on them learns "how far from the end / how hard" more than "is this step right";
+    HE keeps a right step near 1 whatever the difficulty -- what search needs to rank
+    siblings."""
+    if label == "soft":
+        return list(mc_values)
+    if label == "hard":
+        return [1.0 if v > 0 else 0.0 for v in mc_values]
+    raise ValueError(f"label must be 'soft' or 'hard', got {label!r}")
 
 
 def held_out(problem_key: str, share: float, seed: int) -> bool:
@@ -301,7 +320,7 @@ def completion_mask(lengths: Sequence[int], prompt_lengths: Sequence[int], width
 
 def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minutes: float,
           batch: int, lr: float, seed: int, threads: int, holdout: float, verify: bool,
-          extra_layers: int = 2, aux_weight: float = 0.5) -> dict[str, Any]:
+          extra_layers: int = 2, aux_weight: float = 0.5, label: str = "hard") -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
@@ -320,7 +339,8 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
     test_idx = [i for i, d in enumerate(data) if held_out(d.problem_key, holdout, seed)]
     test_set = set(test_idx)
     train_idx = [i for i in range(len(data)) if i not in test_set]
-    train_items = [(inputs[i], data[i].mc_values, len(data[i].trace.prompt_ids)) for i in train_idx]
+    train_items = [(inputs[i], step_targets(data[i].mc_values, label), len(data[i].trace.prompt_ids))
+                   for i in train_idx]
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     head = [p for n, p in trainable if n.startswith("score.")]
@@ -373,7 +393,7 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
     record: dict[str, Any] = {
         "labels": [str(p) for p in labels], "policy": str(policy_dir), "seed": seed,
         "epochs_run": len(curve), "steps": step, "batch": batch, "lr": lr,
-        "extra_layers": extra_layers, "aux_weight": aux_weight if use_aux else 0.0,
+        "extra_layers": extra_layers, "aux_weight": aux_weight if use_aux else 0.0, "label": label,
         "seconds": round(train_s, 1), "params": sum(p.numel() for p in model.parameters()),
         "train_traces": len(train_idx), "test_traces": len(test_idx),
         "test": evaluate(test_scores, [data[i] for i in test_idx]), "test_by_labels": by_source,
@@ -411,12 +431,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="new transformer layers on top of the (frozen) policy layers")
     ap.add_argument("--aux-weight", type=float, default=0.5,
                     help="weight of the dense policy-surprise targets (needs --extra-layers > 0)")
+    ap.add_argument("--label", choices=["hard", "soft"], default="hard",
+                    help="targets from MC values: hard = any rollout right (HE), soft = the value (SE)")
     ap.add_argument("--no-verify", action="store_true", help="skip the vLLM load/score check")
     a = ap.parse_args(argv)
     if a.extra_layers < 0 or a.aux_weight < 0:
         ap.error("--extra-layers and --aux-weight must be >= 0")
     rec = train(a.labels, a.policy, a.out, a.epochs, a.minutes, a.batch, a.lr, a.seed,
-                a.threads, a.holdout, not a.no_verify, a.extra_layers, a.aux_weight)
+                a.threads, a.holdout, not a.no_verify, a.extra_layers, a.aux_weight, a.label)
     print(json.dumps({k: v for k, v in rec.items() if k != "curve"}))
     return rec
 
