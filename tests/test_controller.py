@@ -393,3 +393,11 @@ def test_search_options_from_xargs():
     assert search_options_from_xargs({"ttc": "{}"}) is None
     s = SearchOptions(strategy="beam", n=4, beam_width=2)
     assert search_options_from_xargs({"ttc_search": s.model_dump_json()}) == s
+
+
+def test_every_per_trace_option_is_refused_with_search():
+    """A new TTCOptions field is either listed as per-trace (refused with ttc.search) or is
+    the search itself: nothing is silently ignored by a search request."""
+    from ttc_vllm_plugins.request_rewrite import PER_TRACE_FIELDS
+
+    assert set(TTCOptions.model_fields) - {"search"} == set(PER_TRACE_FIELDS)
