@@ -15,11 +15,24 @@ def policy_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def llm():
-    """The shipped testbed policy in a real vLLM engine, with the ttc-vllm logits processor."""
-    from ttc_vllm.engine import make_llm
+def kv_peak_file(tmp_path_factory) -> Path:
+    """Where the session engine's KVAccountingScheduler records its peak KV blocks."""
+    return tmp_path_factory.mktemp("kv") / "peak.json"
 
-    engine = make_llm(str(policy_dir()), kv_cache_memory_bytes=768 << 20, max_num_seqs=256)
+
+@pytest.fixture(scope="session")
+def llm(kv_peak_file):
+    """The shipped testbed policy in a real vLLM engine, with the ttc-vllm logits processor
+    and ttc-vllm's KV-accounting scheduler (the stock scheduler plus a peak-block count)."""
+    from ttc_vllm.engine import make_llm
+    from ttc_vllm_plugins.kv_accounting import PEAK_FILE_ENV, SCHEDULER_CLS
+
+    os.environ[PEAK_FILE_ENV] = str(kv_peak_file)  # read by the engine core process it spawns
+    try:
+        engine = make_llm(str(policy_dir()), kv_cache_memory_bytes=768 << 20, max_num_seqs=256,
+                          scheduler_cls=SCHEDULER_CLS)
+    finally:
+        os.environ.pop(PEAK_FILE_ENV, None)
     yield engine
     engine.llm_engine.engine_core.shutdown()
     del engine
