@@ -117,3 +117,16 @@ def test_step_targets_hard_and_soft():
     assert step_targets([0.0, 0.2, 1.0], "hard") == [0.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="label"):
         step_targets([0.5], "fuzzy")
+
+
+def test_validation_auc_scores_against_the_training_targets():
+    from ttc_vllm.testbed.train_prm import LabelledTrace, validation_auc
+    from ttc_vllm.search.protocols import Trace
+
+    data = [LabelledTrace(Trace((1,)), [0.0, 0.4], [True, True], "a"),
+            LabelledTrace(Trace((1,)), [1.0, 0.0], [True, False], "b")]
+    # hard targets: [0, 1], [1, 0]; scores ranking every target-1 step above every 0 step
+    assert validation_auc([[0.1, 0.8], [0.9, 0.2]], data, "hard") == 1.0
+    # soft targets > 0.5: only step 0 of trace b is positive
+    assert validation_auc([[0.1, 0.8], [0.9, 0.2]], data, "soft") == 1.0
+    assert validation_auc([[0.9, 0.8], [0.1, 0.2]], data, "soft") == 0.0

@@ -27,7 +27,9 @@ ground truth is used for training. Inputs are built by the scorer's own `token_i
 training and serving see the same tokens (a final step's EOS replaced by the tag).
 
 Held-out problems (a hash split) give the step-level AUC against `exact_prefix_correct`
-(the testbed's exact ground truth) and against `mc_value > 0.5`. The saved directory loads
+(the testbed's exact ground truth) and against `mc_value > 0.5`. A second split of other
+problems (validation) picks the epoch whose weights are saved, by AUC against the training
+targets (ground truth is never used to train or to choose). The saved directory loads
 in `vllm.LLM(path, runner="pooling")`; with verification on, vLLM's scores of held-out traces
 are compared with this module's torch forward. Everything lands in DIR/training.json.
 """
@@ -310,6 +312,17 @@ def verify_in_vllm(out: Path, model, inputs, traces: list[Trace], pad_id: int) -
 EVAL_TRACES_PER_EPOCH = 300  # the per-epoch curve uses a fixed subset; the final test uses all
 
 
+def validation_auc(scores: list[list[float]], data: list["LabelledTrace"], label: str) -> float:
+    """Held-out AUC of the scores against the training targets themselves (no ground
+    truth): what picks the epoch to keep."""
+    flat, ys = [], []
+    for s, d in zip(scores, data):
+        flat.extend(s)
+        ys.extend(y > 0.5 for y in step_targets(d.mc_values, label))
+    auc = roc_auc(flat, ys)
+    return 0.0 if auc is None else auc
+
+
 def completion_mask(lengths: Sequence[int], prompt_lengths: Sequence[int], width: int):
     """[B, width] bool: positions of the completion (after the prompt, before padding)."""
     import torch
@@ -338,7 +351,12 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
     inputs = [token_ids_input(d.trace, tag_id, eos_id) for d in data]
     test_idx = [i for i, d in enumerate(data) if held_out(d.problem_key, holdout, seed)]
     test_set = set(test_idx)
-    train_idx = [i for i in range(len(data)) if i not in test_set]
+    # A validation split (other problems again) picks the epoch to keep, by AUC against the
+    # MC targets: long runs overfit a few thousand traces (held-out AUC peaks, then falls).
+    val_idx = [i for i, d in enumerate(data)
+               if i not in test_set and held_out(d.problem_key, holdout, seed + 1)]
+    val_set = set(val_idx)
+    train_idx = [i for i in range(len(data)) if i not in test_set and i not in val_set]
     train_items = [(inputs[i], step_targets(data[i].mc_values, label), len(data[i].trace.prompt_ids))
                    for i in train_idx]
 
@@ -351,6 +369,7 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
     base = [g["lr"] for g in opt.param_groups]
     curve_idx = sorted(random.Random(seed).sample(test_idx, min(EVAL_TRACES_PER_EPOCH, len(test_idx))))
     t0, step, curve = time.time(), 0, []
+    best: tuple[float, int, dict | None] = (-1.0, 0, None)
     for epoch in range(epochs):
         model.train()
         for chunk in batches(train_items, batch, rng):
@@ -378,12 +397,19 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
             step += 1
         metrics = evaluate(predict(model, [inputs[i] for i in curve_idx], pad_id),
                            [data[i] for i in curve_idx])
+        val_auc = validation_auc(predict(model, [inputs[i] for i in val_idx], pad_id),
+                                 [data[i] for i in val_idx], label)
         curve.append({"epoch": epoch + 1, "step": step, "loss": round(loss.item(), 4),
-                      "seconds": round(time.time() - t0, 1), **metrics})
+                      "seconds": round(time.time() - t0, 1), "val_auc_targets": round(val_auc, 4),
+                      **metrics})
         print(json.dumps(curve[-1]), flush=True)
+        if val_auc > best[0]:
+            best = (val_auc, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if time.time() - t0 > minutes * 60:
             break
     train_s = time.time() - t0
+    if best[2] is not None:
+        model.load_state_dict(best[2])
     save(model, config, policy_dir, out)
     test_scores = predict(model, [inputs[i] for i in test_idx], pad_id)
     by_source = {}
@@ -395,7 +421,8 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
         "epochs_run": len(curve), "steps": step, "batch": batch, "lr": lr,
         "extra_layers": extra_layers, "aux_weight": aux_weight if use_aux else 0.0, "label": label,
         "seconds": round(train_s, 1), "params": sum(p.numel() for p in model.parameters()),
-        "train_traces": len(train_idx), "test_traces": len(test_idx),
+        "train_traces": len(train_idx), "val_traces": len(val_idx), "test_traces": len(test_idx),
+        "kept_epoch": best[1], "kept_val_auc_targets": round(best[0], 4),
         "test": evaluate(test_scores, [data[i] for i in test_idx]), "test_by_labels": by_source,
         "curve": curve,
     }
