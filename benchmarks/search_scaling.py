@@ -149,27 +149,34 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16, help="problems in flight")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/search"))
     ap.add_argument("--prm-config", default=None, help="PRMConfig JSON or file (default: the shipped testbed PRM)")
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="run nothing: table, JSON and plot of what --out holds (a partial grid too)")
     a = ap.parse_args()
 
     t0 = time.time()
     common = ["--tiers", a.tiers, "--problems", str(a.problems), "--concurrency", str(a.concurrency),
               "--num-cpus", "2"]
-    run_job([*common, "--strategies", "majority", "--n", "1", "--temperature", "0",
-             "--out", str(a.out / "greedy")])
-    prm = ["--prm-config", a.prm_config] if a.prm_config else []
-    run_job([*common, *prm, "--strategies", a.strategies, "--n", a.n, "--temperature", str(a.temperature),
-             "--out", str(a.out / "grid")])
+    if not a.summarize_only:
+        run_job([*common, "--strategies", "majority", "--n", "1", "--temperature", "0",
+                 "--out", str(a.out / "greedy")])
+        prm = ["--prm-config", a.prm_config] if a.prm_config else []
+        run_job([*common, *prm, "--strategies", a.strategies, "--n", a.n,
+                 "--temperature", str(a.temperature), "--out", str(a.out / "grid")])
     greedy = {r["tier"]: r["accuracy"] for r in summarize(load_records(a.out / "greedy"))}
-    rows = summarize(load_records(a.out / "grid"))
+    records = load_records(a.out / "grid")
+    rows = summarize(records)
     tiers = a.tiers.split(",")
     goal = targets(rows, greedy, tiers[-1])
     print(format_table(rows, greedy))
     print(json.dumps(goal, indent=1))
-    grid_summary = json.loads((a.out / "grid" / "summary.json").read_text())
+    setups = {json.dumps(r["setup"]["options"] | {"strategy": None, "n": None}, sort_keys=True)
+              for r in records}
     path = write_result("search_scaling", {
         "tiers": tiers, "problems_per_tier": a.problems, "n": a.n, "temperature": a.temperature,
-        "search": grid_summary.get("search"), "prm": grid_summary.get("prm"),
-        "greedy": greedy, "rows": rows, "targets": goal, "seconds": round(time.time() - t0, 1),
+        "search": [json.loads(x) for x in sorted(setups)], "prm": next((r["setup"]["prm"] for r in records if r["setup"]["prm"]), None),
+        "greedy": greedy, "rows": rows, "targets": goal, "complete_grid": all(
+            r["problems"] == a.problems for r in rows) and len(rows) == len(tiers) * len(a.strategies.split(",")) * len(a.n.split(",")),
+        "seconds": round(time.time() - t0, 1),
     })
     plot(rows, greedy, RESULTS / "search_scaling.png", a.problems)
     print(f"wrote {path} and {RESULTS / 'search_scaling.png'}")
