@@ -12,6 +12,7 @@ Enable it with `LLM(scheduler_cls="ttc_vllm_plugins.kv_accounting.KVAccountingSc
 peak grows the scheduler rewrites PATH (atomically) as JSON
 {"peak_used_blocks", "num_blocks", "block_size", "schedule_calls"}. The EngineCore runs in
 its own process, so a file is the simplest way out; `read_peak(PATH)` reads it back.
+Removing PATH while the engine is idle restarts the peak (the next allocation writes it).
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class KVAccountingScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         out = super().schedule(*args, **kwargs)
         self.schedule_calls += 1
+        if self._peak_file is not None and self.peak_used_blocks and not os.path.exists(self._peak_file):
+            self.peak_used_blocks = 0  # the reader removed the file: start a new peak
         used = self.used_blocks()
         if used > self.peak_used_blocks:
             self.peak_used_blocks = used

@@ -40,3 +40,6 @@ def test_peak_blocks_count_shared_prompt_blocks_once(llm, kv_peak_file):
     eight = peak_of(llm, kv_peak_file, [long_prompt] * 8, params)
     assert eight["peak_used_blocks"] < 3 * one["peak_used_blocks"]
     assert eight["peak_used_blocks"] >= one["peak_used_blocks"]
+    # removing the file restarts the peak: a short request alone now reports its own few blocks
+    short = peak_of(llm, kv_peak_file, [task.prompt(task.generate("easy", 1, seed=3)[0])], params)
+    assert 1 <= short["peak_used_blocks"] <= 3 < one["peak_used_blocks"]
