@@ -313,14 +313,17 @@ def test_at_least_thirty_kinds_of_malformed_requests():
 # -- disconnect -------------------------------------------------------------------------------
 
 def test_disconnect_mid_search_aborts_every_sub_request(server, client):
-    """A long search (ignore_eos, inherited by every sampled trace, makes each of the 64
-    traces run to max_tokens), dropped by its client once the engine is seen running it and
-    holding KV blocks: the traces are aborted -- never counted as finished -- and the engine
-    goes back to idle (no running request, KV usage 0). The client is a raw socket so the
-    disconnect happens exactly when the test decides, whatever the machine's load."""
+    """A long search -- beam search over 24 rounds of 64 step requests; ignore_eos, inherited
+    by every sampled step, keeps every trace open -- dropped by its client once the engine is
+    seen running it and holding KV blocks: the requests in flight are aborted, no new round
+    starts, and the engine goes back to idle (no running request, KV usage 0). The client is
+    a raw socket so the disconnect happens exactly when the test decides, whatever the
+    machine's load. (A single 64-trace call ends in ~3 s on an idle machine: too short to
+    catch reliably through /metrics, which the busy server answers slowly.)"""
     body = json.dumps({"model": SERVED_NAME, "messages": chat(HARD), "max_tokens": 440, "seed": 3,
                        "ignore_eos": True,
-                       "ttc": {"search": {"strategy": "majority", "n": 64, "max_step_tokens": 440}}}).encode()
+                       "ttc": {"search": {"strategy": "beam", "n": 64, "beam_width": 4, "max_steps": 24,
+                                          "max_step_tokens": 16}}}).encode()
     finished_before = server.metrics().get("vllm:request_success_total", 0.0)
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
@@ -352,9 +355,13 @@ def test_disconnect_mid_search_aborts_every_sub_request(server, client):
             break
         assert time.monotonic() < deadline, f"not idle after the disconnect: {m}"
         time.sleep(0.2)
-    time.sleep(8)  # longer than the whole search would have run
-    finished = server.metrics().get("vllm:request_success_total", 0.0) - finished_before
-    assert finished < 64, f"{finished} traces ran to the end: they were not aborted"
+    finished_at_idle = server.metrics().get("vllm:request_success_total", 0.0)
+    time.sleep(8)  # a live search would have run several more rounds of 64 requests by now
+    finished_after = server.metrics().get("vllm:request_success_total", 0.0)
+    assert finished_after == finished_at_idle, (
+        f"{finished_after - finished_at_idle} step requests finished after the disconnect: "
+        "the search kept running")
+    assert finished_at_idle - finished_before < 24 * 64, "the whole search ran"
     assert server.metrics().get("vllm:num_requests_running", 1) == 0
     ok = client.chat.completions.create(model=SERVED_NAME, messages=chat(EASY), max_tokens=4)
     assert ok.choices[0].finish_reason in ("stop", "length")
