@@ -1,6 +1,7 @@
 """Beam search over vLLM prefix caching: cache hits, peak KV blocks and wall time, on vs off.
 
     python benchmarks/prefix_sharing.py [--problems 16] [--kv-problems 6] [--n 16] [--beam-width 4]
+        [--block-size B]
 
 Two policy engines side by side in this process -- prefix caching on and off, both with
 ttc-vllm's KVAccountingScheduler, which records the peak number of KV blocks held by
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--kv-max-steps", type=int, default=3)
     ap.add_argument("--shots", type=int, default=2, help="solved examples in the long prompt")
     ap.add_argument("--seed", type=int, default=20_000)
+    ap.add_argument("--block-size", type=int, default=None, help="KV block size (default: ttc_vllm.engine's)")
     a = ap.parse_args()
 
     from ttc_vllm.engine import make_llm
@@ -90,8 +92,9 @@ def main() -> None:
     for name, caching in (("on", True), ("off", False)):
         peak_file = tmp / f"peak_{name}.json"
         os.environ[PEAK_FILE_ENV] = str(peak_file)  # read by the engine core it spawns
+        extra = {"block_size": a.block_size} if a.block_size else {}
         llm = make_llm(None, enable_prefix_caching=caching, scheduler_cls=SCHEDULER_CLS,
-                       kv_cache_memory_bytes=256 << 20, max_num_seqs=256)
+                       kv_cache_memory_bytes=256 << 20, max_num_seqs=256, **extra)
         arms[name] = {"llm": llm, "gen": OfflineStepGenerator(llm), "peak_file": peak_file}
     os.environ.pop(PEAK_FILE_ENV, None)
     scorer = make_scorer(PRMConfig.testbed(engine_kwargs={"kv_cache_memory_bytes": 256 << 20}))
@@ -170,7 +173,8 @@ def main() -> None:
         print(f"{r['prompt_tokens']:>11}{r['peak_blocks_on']:>6}{r['peak_blocks_off']:>6}{r['ratio_off_on']:>8.2f}")
     print(f"median off/on: {kv_ratio:.2f}x (target >= 3x)")
 
-    path = write_result("prefix_sharing", {
+    name = "prefix_sharing" + (f"_block{a.block_size}" if a.block_size else "")
+    path = write_result(name, {
         "n": a.n, "beam_width": a.beam_width, "problems": len(problems), "block_size": block_size,
         "search": opts.model_dump(mode="json"), "arms": summary,
         "wall_ratio_off_on_median": wall_ratio, "wall_ratios": ratios,
@@ -179,8 +183,8 @@ def main() -> None:
                "ratio_off_on_median": kv_ratio, "target_met": kv_ratio >= 3.0},
         "seconds": round(time.time() - t0, 1),
     })
-    plot(summary, kv_rows, ratios, RESULTS / "prefix_sharing.png")
-    print(f"wrote {path} and {RESULTS / 'prefix_sharing.png'}")
+    plot(summary, kv_rows, ratios, RESULTS / f"{name}.png")
+    print(f"wrote {path} and {RESULTS / f'{name}.png'}")
     scorer.close()
     for arm in arms.values():
         arm["gen"].close()
