@@ -24,8 +24,8 @@ import itertools
 from typing import Any, Sequence
 
 from ttc_vllm.engine_offline import (
-    DEFAULT_CONFIDENCE_TOP_K, Delimiter, request_seed, resolve_delimiter, split_steps,
-    token_confidences,
+    DEFAULT_CONFIDENCE_TOP_K, Delimiter, delimiter_for, resolve_delimiter, split_steps,
+    step_sampling_kwargs, token_confidences,
 )
 from ttc_vllm.search.protocols import Completion, Step, StepParams
 
@@ -201,27 +201,14 @@ class EngineClientStepGenerator:
         from vllm.sampling_params import RequestOutputKind
 
         kwargs: dict[str, Any] = dict(self.sampling_overrides)
-        kwargs.update(
-            n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=max_tokens,
-            include_stop_str_in_output=True, skip_special_tokens=True,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
-        if stop_at_delimiter:
-            if delimiter.token_id is not None:
-                kwargs["stop_token_ids"] = [delimiter.token_id]
-            else:
-                kwargs["stop"] = [delimiter.text]
-        if params.confidence:
-            kwargs["logprobs"] = self.confidence_top_k
-        if self.seed is not None:
-            kwargs["seed"] = request_seed(self.seed, prefix)
+        kwargs.update(step_sampling_kwargs(prefix, n, params, delimiter, stop_at_delimiter,
+                                           max_tokens, self.confidence_top_k, self.seed),
+                      output_kind=RequestOutputKind.FINAL_ONLY)
         return SamplingParams(**kwargs)
 
     # -- helpers ----------------------------------------------------------------------------
     def _delimiter(self, params: StepParams) -> Delimiter:
-        if params.step_delimiter is None or params.step_delimiter == self.default_delimiter.text:
-            return self.default_delimiter
-        return resolve_delimiter(self.tokenizer, params.step_delimiter)
+        return delimiter_for(self.tokenizer, self.default_delimiter, params)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -50,6 +50,35 @@ def resolve_delimiter(tokenizer, text: str) -> Delimiter:
     return Delimiter(text)
 
 
+def delimiter_for(tokenizer, default: Delimiter, params: StepParams) -> Delimiter:
+    """The delimiter a call asks for (`params.step_delimiter`), else the generator's default."""
+    if params.step_delimiter is None or params.step_delimiter == default.text:
+        return default
+    return resolve_delimiter(tokenizer, params.step_delimiter)
+
+
+def step_sampling_kwargs(prefix: Sequence[int], n: int, params: StepParams, delimiter: Delimiter,
+                         stop_at_delimiter: bool, max_tokens: int, confidence_top_k: int,
+                         seed: int | None) -> dict[str, Any]:
+    """`SamplingParams` arguments of one step request, shared by both step generators: the
+    delimiter stops a step (by token id for an added token, else by string, kept in the
+    output), top-k log-probs only when confidences are asked for, a per-prefix seed."""
+    kwargs: dict[str, Any] = dict(
+        n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=max_tokens,
+        include_stop_str_in_output=True, skip_special_tokens=True,
+    )
+    if stop_at_delimiter:
+        if delimiter.token_id is not None:
+            kwargs["stop_token_ids"] = [delimiter.token_id]
+        else:
+            kwargs["stop"] = [delimiter.text]
+    if params.confidence:
+        kwargs["logprobs"] = confidence_top_k
+    if seed is not None:
+        kwargs["seed"] = request_seed(seed, prefix)
+    return kwargs
+
+
 def split_steps(token_ids: Sequence[int], delimiter: Delimiter,
                 decode: Callable[[Sequence[int]], str]) -> list[list[int]]:
     """Cut a continuation into steps, each ending with the token that completes the
@@ -183,29 +212,15 @@ class OfflineStepGenerator:
 
     # -- helpers ----------------------------------------------------------------------------
     def _delimiter(self, params: StepParams) -> Delimiter:
-        if params.step_delimiter is None or params.step_delimiter == self.default_delimiter.text:
-            return self.default_delimiter
-        return resolve_delimiter(self.tokenizer, params.step_delimiter)
+        return delimiter_for(self.tokenizer, self.default_delimiter, params)
 
     def sampling_params(self, prefix: Sequence[int], n: int, params: StepParams,
                         delimiter: Delimiter, stop_at_delimiter: bool):
         from vllm import SamplingParams
 
-        kwargs: dict[str, Any] = dict(
-            n=n, temperature=params.temperature, top_p=params.top_p,
-            max_tokens=params.max_tokens, include_stop_str_in_output=True,
-            skip_special_tokens=True,
-        )
-        if stop_at_delimiter:
-            if delimiter.token_id is not None:
-                kwargs["stop_token_ids"] = [delimiter.token_id]
-            else:
-                kwargs["stop"] = [delimiter.text]
-        if params.confidence:
-            kwargs["logprobs"] = self.confidence_top_k
-        if self.seed is not None:
-            kwargs["seed"] = request_seed(self.seed, prefix)
-        return SamplingParams(**kwargs)
+        return SamplingParams(**step_sampling_kwargs(
+            prefix, n, params, delimiter, stop_at_delimiter, params.max_tokens,
+            self.confidence_top_k, self.seed))
 
     def _generate(self, prefixes, n, params, delimiter, stop_at_delimiter):
         if n < 1:
