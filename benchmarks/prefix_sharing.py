@@ -35,17 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result  # noqa: E402
 
 
-def few_shot_prompt(question_problem, examples, rng) -> str:
-    """Solved examples in the testbed's own trace format, then the question."""
-    from ttc_vllm.testbed import task
-
-    parts = []
-    for ex in examples:
-        trace = task.solve(ex, rng, overthink_prob=0.0)
-        parts.append(f"{task.prompt(ex)}{trace.completion}\n")
-    return "".join(parts) + task.prompt(question_problem)
-
-
 def cacheable(prefix_len: int, block_size: int) -> int:
     """Prompt tokens vLLM can serve from cache at best: full blocks, never the last token."""
     return ((prefix_len - 1) // block_size) * block_size
@@ -133,7 +122,7 @@ def main() -> None:
     for i in range(a.kv_problems):
         examples = task.generate("medium", a.shots, a.seed + 1000 + i)
         question = task.generate("hard", 1, a.seed + 2000 + i)[0]
-        ids = tokenizer.encode(few_shot_prompt(question, examples, rng), add_special_tokens=False)
+        ids = tokenizer.encode(task.few_shot_prompt(question, examples, rng), add_special_tokens=False)
         row = {"prompt_tokens": len(ids)}
         for name in (("on", "off") if i % 2 == 0 else ("off", "on")):
             arm = arms[name]

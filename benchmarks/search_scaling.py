@@ -169,13 +169,16 @@ def main() -> None:
     goal = targets(rows, greedy, tiers[-1])
     print(format_table(rows, greedy))
     print(json.dumps(goal, indent=1))
+    # the search settings shared by the grid (strategy and n vary by row)
     setups = {json.dumps(r["setup"]["options"] | {"strategy": None, "n": None}, sort_keys=True)
               for r in records}
+    cells = len(tiers) * len(a.strategies.split(",")) * len(a.n.split(","))
+    complete = len(rows) == cells and all(r["problems"] == a.problems for r in rows)
     path = write_result("search_scaling", {
         "tiers": tiers, "problems_per_tier": a.problems, "n": a.n, "temperature": a.temperature,
-        "search": [json.loads(x) for x in sorted(setups)], "prm": next((r["setup"]["prm"] for r in records if r["setup"]["prm"]), None),
-        "greedy": greedy, "rows": rows, "targets": goal, "complete_grid": all(
-            r["problems"] == a.problems for r in rows) and len(rows) == len(tiers) * len(a.strategies.split(",")) * len(a.n.split(",")),
+        "search": [json.loads(x) for x in sorted(setups)],
+        "prm": next((r["setup"]["prm"] for r in records if r["setup"]["prm"]), None),
+        "greedy": greedy, "rows": rows, "targets": goal, "complete_grid": complete,
         "seconds": round(time.time() - t0, 1),
     })
     plot(rows, greedy, RESULTS / "search_scaling.png", a.problems)

@@ -706,7 +706,8 @@ def test_fake_replicas_share_the_items_and_resume_after_an_interruption(local_ra
         from ttc_vllm.jobs.replicas import TokenizingPolicy
         from ttc_vllm.search.fakes import FakeArithmeticPolicy, load_testbed_tokenizer
 
-        return TokenizingPolicy(FakeArithmeticPolicy(seed=1), load_testbed_tokenizer())
+        # 20 ms a call, like an engine: calls arriving while one runs queue and merge
+        return TokenizingPolicy(FakeArithmeticPolicy(seed=1, delay_s=0.02), load_testbed_tokenizer())
 
     plan = small_plan()
     replicas = start_replicas(2, factory, actor_options={"num_cpus": 0.5})

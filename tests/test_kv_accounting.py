@@ -24,9 +24,8 @@ def test_peak_blocks_count_shared_prompt_blocks_once(llm, kv_peak_file):
 
     block = llm.llm_engine.vllm_config.cache_config.block_size
     tok = llm.get_tokenizer()
-    long_prompt = "".join(task.prompt(p) + task.solve(p, random.Random(i)).completion + "\n"
-                          for i, p in enumerate(task.generate("medium", 2, seed=3)))
-    long_prompt += task.prompt(task.generate("hard", 1, seed=3)[0])
+    long_prompt = task.few_shot_prompt(task.generate("hard", 1, seed=3)[0],
+                                       task.generate("medium", 2, seed=3), random.Random(3))
     prompt_tokens = len(tok.encode(long_prompt, add_special_tokens=False))
     params = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
     assert prompt_tokens > 8 * block

@@ -49,21 +49,16 @@ def encode(tokenizer, text):
     return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
-def test_served_prm_ranks_right_steps_above_wrong_ones(llm, prm_pool, tokenizer):
+def test_served_prm_ranks_right_steps_above_wrong_ones(generator, prm_pool, tokenizer):
     """The trained PRM, served by vLLM in a Ray actor, on fresh policy traces of unseen
     problems: step-level AUC against the testbed's exact ground truth well above chance
     (0.80 on the training run's held-out split; 0.7 leaves room for a small sample)."""
-    from ttc_vllm.engine_offline import OfflineStepGenerator
     from ttc_vllm.prm.label import testbed_prefix_correct
     from ttc_vllm.testbed.train_prm import roc_auc
 
     problems = task.generate("hard", 24, seed=61)
-    gen = OfflineStepGenerator(llm)
-    try:
-        prompts = [encode(tokenizer, task.prompt(p)) for p in problems]
-        done = gen.complete_sync(prompts, 3, StepParams(temperature=1.0, max_tokens=400))
-    finally:
-        gen.close()
+    prompts = [encode(tokenizer, task.prompt(p)) for p in problems]
+    done = asyncio.run(generator.complete(prompts, 3, StepParams(temperature=1.0, max_tokens=400)))
     traces, labels = [], []
     for prompt, problem, samples in zip(prompts, problems, done):
         for steps in samples:
@@ -114,8 +109,11 @@ def test_strategy_on_the_real_engine_and_prm(strategy, generator, prm_pool, toke
             assert a.generator_calls > 1 and a.cached_prompt_tokens > 0
     if strategy in ("majority", "weighted_vote", "best_of_n"):
         assert all(len(r.candidates) == n for r in results)
-    elif strategy in ("beam", "dvts"):
+    elif strategy == "dvts":
         assert all(len(r.candidates) == n // width for r in results)
+    elif strategy == "beam":  # the beam skips exact duplicates, so it may hold fewer
+        assert all(1 <= len(r.candidates) <= n // width for r in results)
+        assert all(len({c.trace.token_ids for c in r.candidates}) == len(r.candidates) for r in results)
 
 
 def test_killed_prm_actor_mid_search_is_replaced_and_searches_complete(generator, prm_pool, tokenizer):
@@ -140,5 +138,5 @@ def test_killed_prm_actor_mid_search_is_replaced_and_searches_complete(generator
     # a new process: Ray restarted the actor (and re-ran the lost call, max_task_retries)
     assert ray.get(prm_pool.actors[0].ready.remote(), timeout=300) != pid_before
     for result in results:
-        assert len(result.candidates) == options.n // options.beam_width
+        assert 1 <= len(result.candidates) <= options.n // options.beam_width  # distinct beams
         assert result.answer is not None and result.chosen.finished

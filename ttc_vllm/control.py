@@ -302,10 +302,11 @@ class ThinkingController:
         ph1 = torch.where(reopen, PHASE_THINKING, ph)
         ph1 = torch.where((seq_done & (kind == SEQ_CONTINUATION)) | (broke & ~past_end),
                           PHASE_THINKING, ph1)
-        # `</think>` ends thinking, unless a forced answer prefix still follows it
-        ph1 = torch.where(has & in_think & is_end & ~(follows & ~seq_done), PHASE_ANSWERING, ph1)
-        ph1 = torch.where((seq_done & (kind == SEQ_CONCLUSION)) | (broke & past_end),
-                          PHASE_ANSWERING, ph1)
+        # `</think>` ends thinking, unless a forced answer prefix still follows it; a done
+        # (or broken) answer prefix hands over to the model's answer
+        answering = ((has & in_think & is_end & ~(follows & ~seq_done))
+                     | (seq_done & (kind == SEQ_CONCLUSION)) | (broke & past_end))
+        ph1 = torch.where(answering, PHASE_ANSWERING, ph1)
         ph1 = torch.where(seq_done & (kind == SEQ_EOS), PHASE_DONE, ph1)
         reason, hstep = st[:, C_REASON], st[:, C_HSTEP]
         natural = has & (ph == PHASE_THINKING) & is_end & (reason == REASON_NONE)

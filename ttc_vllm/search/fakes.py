@@ -98,12 +98,15 @@ class FakeArithmeticPolicy:
     Engine usage is reported like vLLM would: the prompt of each (prefix, n) request on its
     first sample; cached prompt tokens from a model of the prefix cache (the longest prefix
     shared with any sequence generated before, minus the last token which is recomputed).
-    `calls` records (kind, prefixes, n) of every call.
+    `calls` records (kind, prefixes, n) of every call; `delay_s` makes each call sleep, as
+    an engine takes time (so concurrent callers queue, e.g. to exercise call merging).
     """
 
     def __init__(self, seed: int = 0, mistake_rate: float = 0.3, mistake_offset: int = 10,
-                 correct_confidence: float = 0.9, wrong_confidence: float = 0.4):
+                 correct_confidence: float = 0.9, wrong_confidence: float = 0.4,
+                 delay_s: float = 0.0):
         self.seed = seed
+        self.delay_s = delay_s
         self.mistake_rate = mistake_rate
         self.mistake_offset = mistake_offset
         self.correct_confidence = correct_confidence
@@ -116,6 +119,8 @@ class FakeArithmeticPolicy:
     async def generate_steps(self, prefixes: Sequence[Sequence[int]], n: int,
                              params: StepParams) -> list[list[Step]]:
         self.calls.append(("generate_steps", [tuple(p) for p in prefixes], n))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         out = []
         for prefix in prefixes:
             prefix = tuple(prefix)
@@ -132,6 +137,8 @@ class FakeArithmeticPolicy:
     async def complete(self, prefixes: Sequence[Sequence[int]], n: int,
                        params: StepParams) -> list[list[Completion]]:
         self.calls.append(("complete", [tuple(p) for p in prefixes], n))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         out = []
         for prefix in prefixes:
             prefix = tuple(prefix)

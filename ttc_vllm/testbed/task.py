@@ -103,6 +103,13 @@ def prompt(problem: Problem) -> str:
     return f"{BOS}{problem.question}{THINK_START}"
 
 
+def few_shot_prompt(question: Problem, examples: list[Problem], rng: random.Random) -> str:
+    """A long prompt sharing one prefix: solved `examples` (full traces, no overthinking) in
+    the model's own format, then `question`'s prompt. What prefix-sharing measurements use."""
+    shots = "".join(f"{prompt(ex)}{solve(ex, rng, overthink_prob=0.0).completion}\n" for ex in examples)
+    return shots + prompt(question)
+
+
 def solve(problem: Problem, rng: random.Random, overthink_prob: float = 0.6,
           max_checks: int | None = None) -> Trace:
     """A correct trace adding the terms in a random order.
