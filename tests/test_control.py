@@ -363,3 +363,38 @@ def test_answer_prefix_with_a_cap_too_small_for_the_conclusion():
     # then the answer prefix, then the model
     assert out[:4] == [END] + list(ANS) + [WORD]
     assert c.remove(0).thinking_tokens == 0
+
+
+def test_compiled_step_matches_eager_step():
+    """The compiled step body (the CPU default) and the eager one agree exactly on state
+    and logits (signal values to rounding) over a random mix of budgets, halting signals, min-think and placeholders."""
+    rng = random.Random(5)
+    pair = [ctrl(8, compile=True), ctrl(8, compile=False)]
+    assert [c.compiled for c in pair] == [True, False]
+    signals = [None, "token_confidence", "entropy", "group_confidence"]
+    for slot in range(8):
+        sig = signals[slot % 4]
+        h = (C.HaltingParams(H.signal_code(sig), rng.randrange(3), rng.choice([1, 5, 20]), 3,
+                             rng.uniform(-1, 3), rng.random() < 0.5, rng.random() < 0.5, 2)
+             if sig else None)
+        p = params(think_cap=rng.choice([None, 3, 9, 20]), min_think=rng.choice([0, 0, 6]),
+                   max_extensions=2, halting=h, answer_prefix_ids=(WORD, WORD) if slot % 2 else ())
+        for c in pair:
+            c.add(slot, p)
+    outs = [[] for _ in range(8)]
+    slots = torch.tensor([0, 1, 2, 3, -1, 4, 5, 6, 7])
+    rows = [r for r in range(len(slots)) if slots[r] >= 0]
+    for t in range(40):
+        lg = torch.randn(len(slots), V, generator=torch.Generator().manual_seed(t)) * 2
+        lg[:, END] += 1.5 if t % 5 == 0 else -1.0
+        last = torch.tensor([-1 if s < 0 or not outs[s] or rng.random() < 0.1 else outs[s][-1]
+                             for s in slots.tolist()])
+        lens = torch.tensor([len(outs[s]) if s >= 0 else 0 for s in slots.tolist()])
+        got = [c.step(lg.clone(), slots, last, lens) for c in pair]
+        assert torch.equal(got[0], got[1]), t
+        assert torch.equal(pair[0].ints, pair[1].ints), t
+        # signal values may differ in the last bits (fused vs eager reductions)
+        torch.testing.assert_close(pair[0].floats, pair[1].floats, rtol=1e-5, atol=1e-5)
+        for r in rows:
+            outs[slots[r]].append(int(got[0][r].argmax()))
+    assert {pair[1].record(s).reason for s in range(8)} - {"none"}   # something happened

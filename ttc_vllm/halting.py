@@ -151,7 +151,7 @@ class SignalWindows:
         self.r_ring[slots, idx] = torch.where(mask, r.float(), r_old)
         n1 = n0 + mask.long()
         filled = torch.minimum(n1, w)
-        cols = torch.arange(self.capacity, device=self.device)[None, :] < filled[:, None]
+        cols = torch.arange(self.r_ring.shape[1], device=self.device)[None, :] < filled[:, None]
         group = (self.r_ring[slots] * cols).sum(-1) / filled.clamp(min=1)
         is_group = self.signal[slots] == SIGNAL_GROUP
         v = torch.where(is_group, group, r.float())
@@ -168,7 +168,7 @@ class SignalWindows:
         cnt = self.v_cnt[slots]
         mean = self.v_sum[slots] / cnt.clamp(min=1)
         filled = torch.minimum(self.n[slots], self.window[slots])
-        cols = torch.arange(self.capacity, device=self.device)[None, :] < filled[:, None]
+        cols = torch.arange(self.r_ring.shape[1], device=self.device)[None, :] < filled[:, None]
         take = cols & self.v_ok[slots]
         tail_n = take.sum(-1)
         tail = torch.where(take, self.v_ring[slots], torch.zeros((), device=self.device)).sum(-1)
