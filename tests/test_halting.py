@@ -148,3 +148,14 @@ def test_threshold_by_accuracy_loss_below():
     assert H.threshold_by_accuracy_loss(scores, correct, 0.2, "below") == 4.0
     with pytest.raises(ValueError):
         H.threshold_by_accuracy_loss(scores, correct[:2], 0.1)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_top_values_matches_torch_topk(k):
+    x = torch.randn(7, 40)
+    x[0, 3:] = float("-inf")          # fewer allowed tokens than k
+    x[1, :12] = 2.5                   # ties
+    assert torch.equal(H.top_values(x.bfloat16(), k), x.bfloat16().topk(k, dim=-1).values)
+    assert torch.equal(H.top_values(x, k), x.topk(k, dim=-1).values)
+    compiled = torch.compile(lambda t: H.top_values(t, k) * 2, dynamic=True)
+    assert torch.equal(compiled(x), x.topk(k, dim=-1).values * 2)

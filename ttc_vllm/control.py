@@ -41,8 +41,8 @@ SEQ_CONCLUSION, SEQ_CONTINUATION, SEQ_EOS = range(3)
 REASON_NONE, REASON_NATURAL, REASON_BUDGET, REASON_HALT, REASON_STOP = range(5)
 REASON_NAMES = ("none", "natural", "budget", "halt", "stop")
 UNLIMITED = 1 << 60
-# How much halting work a step does (host-known from the active slots' signals).
-HALT_OFF, HALT_ENTROPY, HALT_CONFIDENCE = range(3)
+# Halting work a step does, host-known from the active slots' signals: bit flags (0 = none).
+HALT_OFF, HALT_CONFIDENCE, HALT_ENTROPY = 0, 1, 2
 COMPILE_ENV = "TTC_VLLM_COMPILE"   # auto (compile on CPU) | 1 (always) | 0 (never)
 logger = logging.getLogger("ttc_vllm.control")
 
@@ -275,8 +275,8 @@ class ThinkingController:
         if not self._active:
             return logits
         codes = set(self._halting.values())
-        mode = (HALT_OFF if not codes else
-                HALT_ENTROPY if codes == {H.SIGNAL_ENTROPY} else HALT_CONFIDENCE)
+        mode = ((HALT_CONFIDENCE if codes - {H.SIGNAL_ENTROPY} else HALT_OFF)
+                | (HALT_ENTROPY if H.SIGNAL_ENTROPY in codes else HALT_OFF))
         dev = self.device
         sub = logits if rows is None else logits.index_select(0, rows)
         args = (sub, slots.to(dev).long(), last_tokens.to(dev).long(), output_tokens.to(dev).long(), mode)
@@ -298,8 +298,9 @@ class ThinkingController:
         """The step body: tensor ops only, no host reads, so `torch.compile` fuses it into
         one kernel call. Everything that differs between engines (slot count, marker ids,
         sequence capacities) is read from tensors, so one compiled graph per halting
-        `mode` serves every controller; `mode` (host-known) skips the top-k of token
-        confidence when no row needs it, and all halting work when no row halts."""
+        `mode` serves every controller; `mode` (host-known flags) skips the top-k of token
+        confidence or the softmax of entropy when no row needs it, and all halting work
+        when no row halts."""
         null_slot = self.ints.shape[0] - 1
         think_start, think_end = self.marker_ids[0], self.marker_ids[1]
         s = torch.where(slots < 0, null_slot, slots)
@@ -354,7 +355,8 @@ class ThinkingController:
         trig = torch.zeros_like(budget_hit)
         if mode != HALT_OFF:
             raw = H.raw_signal(sub, st[:, C_SIGNAL], st[:, C_HTOPK].clamp(1, H.MAX_TOP_K),
-                               need_confidence=mode == HALT_CONFIDENCE, need_entropy=True)
+                               need_confidence=bool(mode & HALT_CONFIDENCE),
+                               need_entropy=bool(mode & HALT_ENTROPY))
             self.floats[s, F_PENDING] = raw.float()
             f, fvalid = self.windows.value(s)
             eligible = (free & h_on & ~budget_hit & (count1 >= st[:, C_HMIN])
@@ -417,5 +419,9 @@ def compiled_advance():
     disk by inductor, so a warm engine start pays ~1-2 s per halting mode, a cold one ~15 s)."""
     global _COMPILED_ADVANCE
     if _COMPILED_ADVANCE is None:
+        # 4 halting modes x (batch of 1 | more: dynamo specializes size 1) fill the default
+        # 8 graphs per function; leave room so a new variant never silently runs eagerly.
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 16)
         _COMPILED_ADVANCE = torch.compile(ThinkingController._advance, dynamic=True)
     return _COMPILED_ADVANCE
