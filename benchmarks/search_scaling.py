@@ -30,6 +30,17 @@ from common import RESULTS, write_result  # noqa: E402
 PRM_GUIDED = ("weighted_vote", "best_of_n", "beam", "dvts", "mcts")
 
 
+def valid_cell(strategy: str, n: int) -> bool:
+    """Whether `job evaluate` runs this grid cell (beam_width must divide n for tree search)."""
+    from ttc_vllm.search.options import SearchOptions
+
+    try:
+        SearchOptions(strategy=strategy, n=n)
+    except ValueError:
+        return False
+    return True
+
+
 def run_job(args: list[str]) -> None:
     cmd = [sys.executable, "-m", "ttc_vllm.cli", "job", "evaluate", *args]
     print("+", " ".join(cmd), flush=True)
@@ -172,7 +183,7 @@ def main() -> None:
     # the search settings shared by the grid (strategy and n vary by row)
     setups = {json.dumps(r["setup"]["options"] | {"strategy": None, "n": None}, sort_keys=True)
               for r in records}
-    cells = len(tiers) * len(a.strategies.split(",")) * len(a.n.split(","))
+    cells = len(tiers) * sum(valid_cell(st, int(n)) for st in a.strategies.split(",") for n in a.n.split(","))
     complete = len(rows) == cells and all(r["problems"] == a.problems for r in rows)
     path = write_result("search_scaling", {
         "tiers": tiers, "problems_per_tier": a.problems, "n": a.n, "temperature": a.temperature,

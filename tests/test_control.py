@@ -276,9 +276,10 @@ def test_step_has_no_host_sync(monkeypatch):
     # Eager, so the op logic is checked (the compiler itself reads constants while
     # compiling); with the device top-k: CPU's numpy top-k reads host memory, not a device.
     c = ctrl(compile=False)
-    monkeypatch.setattr(H, "top_values", lambda x, k: x.topk(k, dim=-1).values)
+    monkeypatch.setattr(H, "topk_rows", lambda x, k: tuple(x.topk(k, dim=-1)))
     c.add(0, params(think_cap=50, min_think=3, halting=halting_params(tau=1.0, window=4)))
     c.add(1, params(think_cap=2))
+    c.add(2, params(halting=C.HaltingParams(H.SIGNAL_SAMPLED, H.AGG_MIN, 20, 1, -2.0, False, True, 0)))
 
     def boom(*a, **k):
         raise AssertionError("host sync in step")
@@ -374,9 +375,9 @@ def test_compiled_step_matches_eager_step():
     rng = random.Random(5)
     pair = [ctrl(8, compile=True), ctrl(8, compile=False)]
     assert [c.compiled for c in pair] == [True, False]
-    signals = [None, "token_confidence", "entropy", "group_confidence"]
+    signals = [None, "token_confidence", "entropy", "group_confidence", "sampled_margin"]
     for slot in range(8):
-        sig = signals[slot % 4]
+        sig = signals[slot % 5]
         h = (C.HaltingParams(H.signal_code(sig), rng.randrange(3), rng.choice([1, 5, 20]), 3,
                              rng.uniform(-1, 3), rng.random() < 0.5, rng.random() < 0.5, 2)
              if sig else None)
@@ -401,3 +402,26 @@ def test_compiled_step_matches_eager_step():
         for r in rows:
             outs[slots[r]].append(int(got[0][r].argmax()))
     assert {pair[1].record(s).reason for s in range(8)} - {"none"}   # something happened
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sampled_margin_stops_at_an_unlikely_sampled_token(compiled):
+    """The margin of a token is scored at the next step, from the top-20 kept from the
+    logits it was sampled from: the top token costs nothing, an unlikely one stops."""
+    c = ctrl(compile=compiled)
+    c.add(0, params(halting=C.HaltingParams(H.SIGNAL_SAMPLED, H.AGG_MIN, 20, 1, -2.0,
+                                            above=False, stop=True, min_tokens=0)))
+    out: list[int] = []
+
+    def step(sampled):
+        lg = prefer(WORD)
+        c.step(lg, torch.tensor([0]), torch.tensor([out[-1] if out else -1]), torch.tensor([len(out)]))
+        out.append(sampled)
+        return lg
+
+    assert step(WORD).argmax().item() == WORD          # no token yet
+    assert step(9).argmax().item() == WORD             # WORD was the top token: margin 0
+    forced = step(EOS)                                 # 9 had p ~ e^-5 / (1 + 39 e^-5): margin -5
+    assert forced.argmax().item() == EOS and torch.isinf(forced[0, WORD])
+    rec = c.remove(0)
+    assert (rec.reason, rec.stop_step) == ("stop", 2)

@@ -142,6 +142,37 @@ def test_effort_none_and_halting_end_to_end(llm, ids):
     assert list(s.token_ids) [5:] == [ids["eos"]] and s.finish_reason == "stop"
 
 
+def test_sampled_margin_stops_after_the_first_unlikely_token(llm, ids):
+    """stop when a sampled token's log-prob is more than 1 below the top token's: the EOS
+    comes right after the first thinking token whose margin (from vLLM's own returned
+    log-probs) is under -1, and never in a trace without one."""
+    from ttc_vllm.calibrate import per_token_signal
+
+    tau = -1.0
+    params = sampling({"halting": {"signal": "sampled_margin", "aggregate": "min", "threshold": tau,
+                                   "direction": "below", "action": "stop"}},
+                      temperature=1.0, max_tokens=120, logprobs=20)
+    outs = llm.generate(prompts(24, seed=3), [params] * 24, use_tqdm=False)
+    stopped = 0
+    for out in outs:
+        o = out.outputs[0]
+        tids = list(o.token_ids)
+        think = first_block(tids, ids["end"])
+        conc = ids["conclusion"]
+        if think[-len(conc):] == conc:   # forced at the cap: unlikely tokens, but not sampled
+            think = think[:-len(conc)]
+        margins = per_token_signal(o.logprobs[:len(think)], "sampled_margin", 20, tids)
+        if any(abs(m - tau) < 1e-2 for m in margins):
+            continue  # too close to call across float rounding
+        first = next((t for t, m in enumerate(margins) if m < tau), None)
+        if first is None or first + 1 >= len(tids):
+            assert ids["eos"] not in think
+            continue
+        assert tids[first + 1] == ids["eos"] and len(tids) == first + 2, (first, tids)
+        stopped += 1
+    assert stopped >= 3   # at temperature 1 most traces sample an unlikely token
+
+
 def test_bad_option_rejected_at_admission_engine_keeps_serving(llm, ids):
     with pytest.raises(Exception, match=r"ttc\.max_think"):
         llm.generate(prompts(1), sampling({"max_think": -1}, max_tokens=5), use_tqdm=False)

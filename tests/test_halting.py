@@ -38,9 +38,22 @@ def test_neg_entropy_hand_computed_and_signed():
 
 
 def test_raw_signal_picks_per_row():
-    logits = P.log().repeat(2, 1)
-    got = H.raw_signal(logits, torch.tensor([H.SIGNAL_TOKEN, H.SIGNAL_ENTROPY]), torch.tensor([2, 2]))
-    assert got.tolist() == pytest.approx([(math.log(2) + math.log(4)) / 2, -1.75 * math.log(2)])
+    logits = P.log().repeat(3, 1)
+    sig = torch.tensor([H.SIGNAL_TOKEN, H.SIGNAL_ENTROPY, H.SIGNAL_SAMPLED])
+    got, ids, lp = H.raw_signal(logits, sig, torch.tensor([2, 2, 2]))
+    assert got.tolist() == pytest.approx([(math.log(2) + math.log(4)) / 2, -1.75 * math.log(2), 0.0])
+    assert ids is None and lp is None
+    _, ids, lp = H.raw_signal(logits, sig, torch.tensor([2, 2, 2]), need_top=True)
+    assert ids[0, :2].tolist() == [0, 1] and lp[0, :2].tolist() == pytest.approx([-math.log(2), -math.log(4)])
+
+
+def test_sampled_margin_hand_computed():
+    # top-3 of a row: ids 5, 2, 9 with log-probs -0.1, -2.0, -3.0
+    ids = torch.tensor([[5, 2, 9]] * 3)
+    lp = torch.tensor([[-0.1, -2.0, -3.0]] * 3)
+    got = H.sampled_margin(ids, lp, torch.tensor([5, 2, 7]))
+    # the top token: 0; the second: -1.9; outside the top-3: clipped at the 3rd, -2.9
+    assert got.tolist() == pytest.approx([0.0, -1.9, -2.9])
 
 
 def test_aggregate_series_hand_computed():

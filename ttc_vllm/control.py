@@ -42,7 +42,7 @@ REASON_NONE, REASON_NATURAL, REASON_BUDGET, REASON_HALT, REASON_STOP = range(5)
 REASON_NAMES = ("none", "natural", "budget", "halt", "stop")
 UNLIMITED = 1 << 60
 # Halting work a step does, host-known from the active slots' signals: bit flags (0 = none).
-HALT_OFF, HALT_CONFIDENCE, HALT_ENTROPY = 0, 1, 2
+HALT_OFF, HALT_CONFIDENCE, HALT_ENTROPY, HALT_SAMPLED = 0, 1, 2, 4
 COMPILE_ENV = "TTC_VLLM_COMPILE"   # auto (compile on CPU) | 1 (always) | 0 (never)
 logger = logging.getLogger("ttc_vllm.control")
 
@@ -168,6 +168,9 @@ class ThinkingController:
         self.suppress = torch.full((n, suppress_capacity), markers.think_end, dtype=torch.long,
                                    device=self.device)
         self.windows = H.SignalWindows(n, window, self.device)
+        # The last step's top-20 of each slot, for `sampled_margin` (scored one step later).
+        self.top_ids = torch.full((n, H.MAX_TOP_K), -1, dtype=torch.long, device=self.device)
+        self.top_logprobs = torch.zeros(n, H.MAX_TOP_K, dtype=torch.float32, device=self.device)
         # Host-side bookkeeping only (no device reads): which optional work a step needs.
         self._active: set[int] = set()
         self._halting: dict[int, int] = {}     # slot -> signal code
@@ -275,8 +278,9 @@ class ThinkingController:
         if not self._active:
             return logits
         codes = set(self._halting.values())
-        mode = ((HALT_CONFIDENCE if codes - {H.SIGNAL_ENTROPY} else HALT_OFF)
-                | (HALT_ENTROPY if H.SIGNAL_ENTROPY in codes else HALT_OFF))
+        mode = ((HALT_CONFIDENCE if codes & {H.SIGNAL_TOKEN, H.SIGNAL_GROUP} else HALT_OFF)
+                | (HALT_ENTROPY if H.SIGNAL_ENTROPY in codes else HALT_OFF)
+                | (HALT_SAMPLED if H.SIGNAL_SAMPLED in codes else HALT_OFF))
         dev = self.device
         sub = logits if rows is None else logits.index_select(0, rows)
         args = (sub, slots.to(dev).long(), last_tokens.to(dev).long(), output_tokens.to(dev).long(), mode)
@@ -329,7 +333,12 @@ class ThinkingController:
         count1 = count + (has & in_think & ~is_end & ~eos_forced & ~past_end).long()
         h_on = st[:, C_HON] > 0
         if mode != HALT_OFF:
-            self.windows.push(s, fl[:, F_PENDING], has & (ph == PHASE_THINKING) & ~is_end & h_on)
+            r = fl[:, F_PENDING]
+            if mode & HALT_SAMPLED:   # scored now that the token sampled from them is known
+                k = min(H.MAX_TOP_K, sub.shape[-1])
+                margin = H.sampled_margin(self.top_ids[s, :k], self.top_logprobs[s, :k], tok)
+                r = torch.where(st[:, C_SIGNAL] == H.SIGNAL_SAMPLED, margin, r)
+            self.windows.push(s, r, has & (ph == PHASE_THINKING) & ~is_end & h_on)
         reopen = has & ((ph == PHASE_BEFORE) | (ph == PHASE_ANSWERING)) & (tok == think_start)
         ph1 = torch.where(reopen, PHASE_THINKING, ph)
         ph1 = torch.where((seq_done & (kind == SEQ_CONTINUATION)) | (broke & ~past_end),
@@ -354,10 +363,15 @@ class ThinkingController:
         min_think = st[:, C_MIN]
         trig = torch.zeros_like(budget_hit)
         if mode != HALT_OFF:
-            raw = H.raw_signal(sub, st[:, C_SIGNAL], st[:, C_HTOPK].clamp(1, H.MAX_TOP_K),
-                               need_confidence=bool(mode & HALT_CONFIDENCE),
-                               need_entropy=bool(mode & HALT_ENTROPY))
+            raw, top_ids, top_lp = H.raw_signal(
+                sub, st[:, C_SIGNAL], st[:, C_HTOPK].clamp(1, H.MAX_TOP_K),
+                need_confidence=bool(mode & HALT_CONFIDENCE), need_entropy=bool(mode & HALT_ENTROPY),
+                need_top=bool(mode & HALT_SAMPLED))
             self.floats[s, F_PENDING] = raw.float()
+            if top_ids is not None:
+                k = top_ids.shape[1]
+                self.top_ids[s, :k] = top_ids
+                self.top_logprobs[s, :k] = top_lp
             f, fvalid = self.windows.value(s)
             eligible = (free & h_on & ~budget_hit & (count1 >= st[:, C_HMIN])
                         & (count1 >= min_think))
@@ -419,9 +433,9 @@ def compiled_advance():
     disk by inductor, so a warm engine start pays ~1-2 s per halting mode, a cold one ~15 s)."""
     global _COMPILED_ADVANCE
     if _COMPILED_ADVANCE is None:
-        # 4 halting modes x (batch of 1 | more: dynamo specializes size 1) fill the default
+        # 8 halting modes x (batch of 1 | more: dynamo specializes size 1) exceed the default
         # 8 graphs per function; leave room so a new variant never silently runs eagerly.
         cfg = torch._dynamo.config
-        cfg.recompile_limit = max(cfg.recompile_limit, 16)
+        cfg.recompile_limit = max(cfg.recompile_limit, 32)
         _COMPILED_ADVANCE = torch.compile(ThinkingController._advance, dynamic=True)
     return _COMPILED_ADVANCE

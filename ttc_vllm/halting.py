@@ -8,8 +8,17 @@ Per-token value r_t, computed from the logits the t-th thinking token was sample
 | `token_confidence` | C_t = -mean of the top-k log-probs (DeepConf)        | >= 0     |
 | `entropy`          | -H_t = sum_v p_v log p_v (minus the entropy)         | <= 0     |
 | `group_confidence` | C_t, then v_t = G_t = mean of C over the last `window` tokens (only full windows count) | >= 0 |
+| `sampled_margin`   | M_t = log p(sampled token) - log p(top token), the sampled token's log-prob clipped below at the 20th largest | <= 0 |
 
-For `token_confidence` and `entropy` the series is v_t = r_t. Aggregates f over the
+`sampled_margin` is 0 whenever the model's top choice was sampled and very negative when
+sampling picked a token the model itself found unlikely -- the typical start of a slip
+(a wrong digit). With `aggregate="min", direction="below", action="stop"` it ends a trace
+at its first such token; on the testbed its trace minimum separates right from wrong
+traces far better than confidence does (see benchmarks/controls_voting.py). Its value
+needs the token sampled from the logits, so the engine keeps each slot's top-20 ids and
+log-probs for one step and scores the token when it arrives.
+
+For `token_confidence`, `entropy` and `sampled_margin` the series is v_t = r_t. Aggregates f over the
 valid v of the thinking so far:
 
 | aggregate | f_t                                                                     |
@@ -36,9 +45,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-SIGNALS = ("token_confidence", "group_confidence", "entropy")
+SIGNALS = ("token_confidence", "group_confidence", "entropy", "sampled_margin")
 AGGREGATES = ("mean", "min", "tail")
-SIGNAL_TOKEN, SIGNAL_GROUP, SIGNAL_ENTROPY = range(3)
+SIGNAL_TOKEN, SIGNAL_GROUP, SIGNAL_ENTROPY, SIGNAL_SAMPLED = range(4)
 AGG_MEAN, AGG_MIN, AGG_TAIL = range(3)
 MAX_TOP_K = 20
 
@@ -53,23 +62,40 @@ def aggregate_code(name: str) -> int:
 
 # ---- per-token signals on a batch of logits [B, V] --------------------------------------
 
-@torch.library.custom_op("ttc_vllm::top_values", mutates_args=())
-def top_values(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest values of each row, descending ([B, k]). On CPU, numpy's introselect
-    (partition, then sort only the k) takes ~1/3 of `torch.topk`'s time at batch 64: the
-    largest single cost of a halting step there. An opaque op, so compiled steps keep one
-    graph."""
+@torch.library.custom_op("ttc_vllm::top_k", mutates_args=())
+def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest entries of each row, descending ([B, k] each). On
+    CPU, numpy's introselect (partition, then sort only the k) takes ~1/3 of `torch.topk`'s
+    time at batch 64: the largest single cost of a halting step there. An opaque op, so
+    compiled steps keep one graph."""
     if x.device.type != "cpu":
-        return x.topk(k, dim=-1).values
+        values, indices = x.topk(k, dim=-1)
+        return values, indices
     a = x.detach().float().contiguous().numpy()   # numpy has no bfloat16
     cut = a.shape[1] - k
-    part = np.partition(a, cut, axis=1)[:, cut:]
-    return torch.from_numpy(np.sort(part, axis=1)[:, ::-1].copy()).to(x.dtype)
+    idx = np.argpartition(a, cut, axis=1)[:, cut:]
+    vals = np.take_along_axis(a, idx, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    idx = np.take_along_axis(idx, order, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    return torch.from_numpy(vals).to(x.dtype), torch.from_numpy(idx.astype(np.int64))
 
 
-@top_values.register_fake
-def _top_values_fake(x: torch.Tensor, k: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], k)
+@topk_rows.register_fake
+def _top_k_fake(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.long)
+
+
+def top_values(x: torch.Tensor, k: int) -> torch.Tensor:
+    return topk_rows(x, k)[0]
+
+
+def sampled_margin(top_ids: torch.Tensor, top_logprobs: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """M = log p(token) - log p(top token) per row ([B]) from the row's top-k ids and
+    log-probs ([B, k], descending): a token outside the top-k counts as the k-th
+    log-prob (its true value is at most that)."""
+    hit = torch.where(top_ids == token[:, None], top_logprobs, float("-inf")).amax(-1)
+    return torch.maximum(hit, top_logprobs[:, -1]) - top_logprobs[:, 0]
 
 
 def token_confidence(logits: torch.Tensor, top_k: int | torch.Tensor = MAX_TOP_K,
@@ -82,11 +108,18 @@ def token_confidence(logits: torch.Tensor, top_k: int | torch.Tensor = MAX_TOP_K
     lse = torch.logsumexp(x, dim=-1) if lse is None else lse
     k_max = min(MAX_TOP_K if isinstance(top_k, torch.Tensor) else top_k, x.shape[-1])
     top = top_values(x, k_max) - lse[:, None]                    # [B, k_max], descending
-    ks = (top_k.to(x.device) if isinstance(top_k, torch.Tensor)
-          else torch.full((x.shape[0],), k_max, device=x.device))
-    take = torch.arange(k_max, device=x.device)[None, :] < ks[:, None]
-    take &= torch.isfinite(top)
-    total = torch.where(take, top, torch.zeros_like(top)).sum(-1)
+    return confidence_from_top(top, top_k)
+
+
+def confidence_from_top(top_logprobs: torch.Tensor, top_k: int | torch.Tensor) -> torch.Tensor:
+    """Token confidence from each row's descending top log-probs [B, k_max]: minus the mean
+    of the first k finite ones."""
+    b, k_max = top_logprobs.shape
+    ks = (top_k.to(top_logprobs.device) if isinstance(top_k, torch.Tensor)
+          else torch.full((b,), k_max, device=top_logprobs.device))
+    take = torch.arange(k_max, device=top_logprobs.device)[None, :] < ks[:, None]
+    take &= torch.isfinite(top_logprobs)
+    total = torch.where(take, top_logprobs, torch.zeros_like(top_logprobs)).sum(-1)
     return -total / take.sum(-1).clamp(min=1)
 
 
@@ -100,14 +133,26 @@ def neg_entropy(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.
 
 
 def raw_signal(logits: torch.Tensor, signal: torch.Tensor, top_k: torch.Tensor,
-               need_confidence: bool = True, need_entropy: bool = True) -> torch.Tensor:
-    """r_t per row for per-row signal codes ([B]): -H for entropy rows, C otherwise.
-    The need_* flags (host-known) skip a signal no row uses."""
-    lse = torch.logsumexp(logits.float(), dim=-1)
+               need_confidence: bool = True, need_entropy: bool = True, need_top: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(r_t per row for per-row signal codes ([B]): -H for entropy rows, C for confidence
+    rows, 0 for sampled-margin rows (scored at the next step); and with `need_top` the
+    rows' top-20 ids and log-probs, which that next step needs). The need_* flags
+    (host-known) skip work no row uses."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
     zero = torch.zeros_like(lse)
-    conf = token_confidence(logits, top_k, lse) if need_confidence else zero
-    ent = neg_entropy(logits, lse) if need_entropy else zero
-    return torch.where(signal == SIGNAL_ENTROPY, ent, conf)
+    conf, top_ids, top_lp = zero, None, None
+    if need_confidence or need_top:
+        values, ids = topk_rows(x, min(MAX_TOP_K, x.shape[-1]))
+        lp = values - lse[:, None]
+        if need_confidence:
+            conf = confidence_from_top(lp, top_k)
+        if need_top:
+            top_ids, top_lp = ids, lp
+    ent = neg_entropy(x, lse) if need_entropy else zero
+    raw = torch.where(signal == SIGNAL_ENTROPY, ent, torch.where(signal == SIGNAL_SAMPLED, zero, conf))
+    return raw, top_ids, top_lp
 
 
 def halt_decision(f: torch.Tensor, valid: torch.Tensor, tau: torch.Tensor,

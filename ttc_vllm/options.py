@@ -22,7 +22,7 @@ DEFAULT_CONCLUSION = "\nTime is up, concluding."
 DEFAULT_CONTINUATION = "\nWait,"
 MAX_FORCED_TEXT_CHARS = 256
 
-Signal = Literal["token_confidence", "group_confidence", "entropy"]
+Signal = Literal["token_confidence", "group_confidence", "entropy", "sampled_margin"]
 Aggregate = Literal["mean", "min", "tail"]
 # Signals whose per-token value is a confidence (>= 0): -mean of top-k log-probs.
 CONFIDENCE_SIGNALS = ("token_confidence", "group_confidence")
@@ -91,6 +91,10 @@ def check_threshold_range(signal: str, threshold: float | str) -> None:
         raise ValueError(
             f"the entropy signal is minus the entropy (<= 0, larger = more "
             f"confident); a positive threshold {threshold} makes no sense")
+    if signal == "sampled_margin" and threshold > 0:
+        raise ValueError(
+            f"sampled_margin is log p(sampled) - log p(top) (<= 0); a positive threshold "
+            f"{threshold} makes no sense")
 
 
 class TTCOptions(BaseModel):
