@@ -9,13 +9,15 @@ trace is the prefix of the plain trace with the same seed (the processor edits n
 it forces EOS): the arms are paired, trace by trace.
 
 1. Warm-up / calibration slice (ttc_vllm.calibrate.CALIBRATION_SEED): 16 plain traces per problem
-   with top-20 log-probs. For each window and percentile, tau = that percentile of the warm-up
-   traces' lowest group confidence (`calibrate.calibrate_entry`, direction "below"): DeepConf's
-   offline threshold. The halting rule (stop a trace as soon as its current group confidence
-   falls under tau: signal group_confidence, aggregate min) is applied to the same traces
-   offline, stopped traces leave the vote, and each setting (window, percentile, vote = majority
-   or confidence-weighted, adaptive or not) gets its accuracy and tokens vs plain majority@16.
-   "Adaptive" adds DeepConf's early exit: traces come in waves (--waves) and a problem stops
+   with top-20 log-probs. Two stop rules (--signals), each "stop a trace as soon as min f < tau":
+   DeepConf's lowest group confidence (signal group_confidence over each --windows value), and
+   the sampled token's margin (signal sampled_margin: stop at the first sampled token whose
+   log-prob is more than |tau| below the top token's). For each rule and percentile, tau = that
+   percentile of the warm-up traces' minimum (`calibrate.calibrate_entry`, direction "below"):
+   DeepConf's offline threshold. The rule is applied to the same traces offline, stopped traces
+   leave the vote, and each setting (rule, percentile, vote = majority or confidence-weighted,
+   adaptive or not) gets its accuracy and tokens vs plain majority@16. "Adaptive" adds
+   DeepConf's early exit: traces come in waves (--waves schedules, swept) and a problem stops
    sampling once >= --min-votes answers agree at a (weighted) share >= a --consensus value
    (swept). The adaptive exit without any halting is reported too, to separate the two.
    The setting with the fewest tokens at <= --select-loss points below majority@16 is chosen,
@@ -44,21 +46,43 @@ K = 16
 SEED_STRIDE = 64
 
 
+# Per-token series each trace keeps: token confidence (the group-confidence rule and DeepConf
+# vote weights) and the sampled token's margin.
+SERIES = ("token_confidence", "sampled_margin")
+
+
 @dataclass
 class Trace:
     answer: int | None
     tokens: int
     stopped: bool
-    r: np.ndarray | None     # per-token confidence of the thinking block (None without log-probs)
+    r: dict[str, np.ndarray] | None   # per-token series of the thinking block (None without log-probs)
     weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A stop rule: stop a trace once min f(v) < tau (`group_confidence` over `window`
+    tokens, or the per-token `sampled_margin`, whose window is unused)."""
+
+    signal: str
+    window: int
+
+    @property
+    def series(self) -> str:
+        return "token_confidence" if self.signal == "group_confidence" else self.signal
+
+    @property
+    def weight_window(self) -> int:
+        return self.window if self.signal == "group_confidence" else 16
 
 
 def seed_of(base: int, i: int, j: int) -> int:
     return base + SEED_STRIDE * i + j
 
 
-def stop_ttc(window: int, tau: float, min_tokens: int) -> dict:
-    return {"halting": {"signal": "group_confidence", "aggregate": "min", "window": window,
+def stop_ttc(rule: Rule, tau: float, min_tokens: int) -> dict:
+    return {"halting": {"signal": rule.signal, "aggregate": "min", "window": rule.window,
                         "threshold": float(tau), "direction": "below", "action": "stop",
                         "min_tokens": min_tokens}}
 
@@ -81,7 +105,8 @@ def sample(llm, ids, problems, jobs, base_seed: int, ttc: dict | None, temperatu
         n_think = cc.first_think_len(tids, ids)
         # a stopped trace ends with the forced EOS inside its thinking: it has no answer
         stopped = ids.think_end not in tids and bool(tids) and tids[-1] == ids.eos
-        r = np.array(cc.thinking_signal(o.logprobs, n_think, "token_confidence"), float) if logprobs else None
+        r = ({name: np.array(cc.thinking_signal(o.logprobs, n_think, name, token_ids=tids), float)
+              for name in SERIES} if logprobs else None)
         res[(i, j)] = Trace(None if stopped else extract_answer(o.text), len(tids), stopped, r)
     return res
 
@@ -94,13 +119,13 @@ def min_group(r: np.ndarray, window: int, min_tokens: int) -> float:
     return float(f[-1]) if len(f) else float("nan")
 
 
-def simulate_stop(t: Trace, window: int, tau: float, min_tokens: int) -> Trace:
+def simulate_stop(t: Trace, rule: Rule, tau: float, min_tokens: int) -> Trace:
     """The trace the engine would produce with the stop rule (same seed): its prefix up to
-    the first group confidence under tau, plus the forced EOS."""
-    f = series(t.r, "group_confidence", "min", window)
+    the first f under tau, plus the forced EOS."""
+    f = series(t.r[rule.series], rule.signal, "min", rule.window)
     k = int(halt_points(f, np.array([tau]), "below", min_tokens)[0])
     if k > 0:
-        return Trace(None, k + 1, True, t.r[:k])
+        return Trace(None, k + 1, True, {name: x[:k] for name, x in t.r.items()})
     return Trace(t.answer, t.tokens, False, t.r)
 
 
@@ -119,10 +144,11 @@ def vote(traces: list[Trace], weighted: bool, window: int, min_tokens: int):
 def weight_of(t: Trace, window: int, min_tokens: int) -> float:
     """DeepConf weighting: the trace's confidence (lowest group confidence; mean token
     confidence for traces shorter than a window)."""
-    if t.r is None or not len(t.r):
+    if t.r is None or not len(t.r["token_confidence"]):
         return 1.0
-    s = min_group(t.r, window, min_tokens)
-    return s if s == s else float(np.mean(t.r))
+    r = t.r["token_confidence"]
+    s = min_group(r, window, min_tokens)
+    return s if s == s else float(np.mean(r))
 
 
 def consensus(traces: list[Trace], weighted: bool, window: int, min_tokens: int, share: float,
@@ -169,10 +195,14 @@ def main() -> None:
     ap.add_argument("--cal-problems", type=int, default=40, help="warm-up/calibration problems per tier")
     ap.add_argument("--tiers", default="medium,hard")
     ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--windows", default="4,8,16,32")
+    ap.add_argument("--signals", default="group_confidence,sampled_margin",
+                    help="stop-rule signals swept (aggregate min, direction below, action stop)")
+    ap.add_argument("--windows", default="4,8,16,32", help="group_confidence windows swept")
     ap.add_argument("--percentiles", default="5,10,25,50,75,90")
     ap.add_argument("--min-tokens", type=int, default=0)
-    ap.add_argument("--waves", default="4,4,4,4", help="traces per wave for the adaptive exit (sums to 16)")
+    ap.add_argument("--waves", default="4,4,4,4;2,2,4,4,4",
+                    help="wave schedules swept for the adaptive exit (traces per wave, each sums to 16; "
+                         "';' between schedules)")
     ap.add_argument("--consensus", default="0.95,0.75,0.6",
                     help="answer shares that end sampling (adaptive), swept on the warm-up slice")
     ap.add_argument("--min-votes", type=int, default=3, help="answers needed before the adaptive exit")
@@ -191,10 +221,14 @@ def main() -> None:
 
     t0 = time.time()
     tiers = [t.strip() for t in a.tiers.split(",") if t.strip()]
-    waves = [int(x) for x in a.waves.split(",")]
-    if sum(waves) != K:
-        raise SystemExit(f"--waves must sum to {K}")
+    schedules = [[int(x) for x in sched.split(",")] for sched in a.waves.split(";") if sched.strip()]
+    if not schedules or any(sum(w) != K for w in schedules):
+        raise SystemExit(f"every --waves schedule must sum to {K}")
     windows = [int(x) for x in a.windows.split(",")]
+    rules = [Rule(sig, w) for sig in a.signals.split(",")
+             for w in (windows if sig == "group_confidence" else [1])]
+    if any(r.signal not in ("group_confidence", "sampled_margin") for r in rules):
+        raise SystemExit("--signals: group_confidence and/or sampled_margin")
     shares = [float(x) for x in a.consensus.split(",")]
     percentiles = [float(x) for x in a.percentiles.split(",")]
     # Per-request seeds + chunked prefill crash vLLM 0.32 on CPU ("CPU Generator does not use
@@ -214,35 +248,38 @@ def main() -> None:
     print(f"warm-up slice: {len(cal_probs)} problems x {K}: majority@16 {base_cal['accuracy']:.1%}, "
           f"{base_cal['tokens']:.0f} tokens/problem ({time.time() - t0:.0f}s)", flush=True)
     sweep = []
-    for w in windows:
+    for rule in rules:
         for pc in percentiles:
-            entry = calibrate_entry([list(t.r) for t in cal.values()], signal="group_confidence",
-                                    aggregate="min", window=w, direction="below", action="stop",
+            entry = calibrate_entry([list(t.r[rule.series]) for t in cal.values()], signal=rule.signal,
+                                    aggregate="min", window=rule.window, direction="below", action="stop",
                                     min_tokens=a.min_tokens, percentile=pc)
             tau = entry["threshold"]
-            HaltingOptions.model_validate(stop_ttc(w, tau, a.min_tokens)["halting"])
-            sim = [[simulate_stop(t, w, tau, a.min_tokens) for t in ts] for ts in cal_pp]
+            HaltingOptions.model_validate(stop_ttc(rule, tau, a.min_tokens)["halting"])
+            sim = [[simulate_stop(t, rule, tau, a.min_tokens) for t in ts] for ts in cal_pp]
             for weighted in (False, True):
-                for share in [None] + shares:
+                for share, sched in [(None, None)] + [(x, w) for x in shares for w in schedules]:
                     adaptive = share is not None
-                    r = run_policy(sim, cal_ans, weighted, w, a.min_tokens, waves if adaptive else None,
+                    r = run_policy(sim, cal_ans, weighted, rule.weight_window, a.min_tokens, sched,
                                    share or 1.0, a.min_votes)
-                    sweep.append(dict(window=w, percentile=pc, threshold=tau, weighted=weighted,
-                                      adaptive=adaptive, consensus=share, accuracy=r["accuracy"], tokens=r["tokens"],
+                    sweep.append(dict(signal=rule.signal, window=rule.window, percentile=pc, threshold=tau,
+                                      weighted=weighted, adaptive=adaptive, consensus=share, waves=sched,
+                                      accuracy=r["accuracy"], tokens=r["tokens"],
                                       loss_points=100 * (base_cal["accuracy"] - r["accuracy"]),
                                       tokens_saved=1 - r["tokens"] / base_cal["tokens"],
                                       stopped_share=r["stopped_share"], traces=r["traces"]))
     # The adaptive exit alone (no halting): the first traces of the plain run, majority vote.
     plain_adaptive = []
     for share in shares:
-        r = run_policy(cal_pp, cal_ans, False, 16, 0, waves, share, a.min_votes)
-        plain_adaptive.append(dict(consensus=share, accuracy=r["accuracy"], tokens=r["tokens"], traces=r["traces"],
-                                   loss_points=100 * (base_cal["accuracy"] - r["accuracy"]),
-                                   tokens_saved=1 - r["tokens"] / base_cal["tokens"]))
+        for sched in schedules:
+            r = run_policy(cal_pp, cal_ans, False, 16, 0, sched, share, a.min_votes)
+            plain_adaptive.append(dict(consensus=share, waves=sched, accuracy=r["accuracy"], tokens=r["tokens"],
+                                       traces=r["traces"], loss_points=100 * (base_cal["accuracy"] - r["accuracy"]),
+                                       tokens_saved=1 - r["tokens"] / base_cal["tokens"]))
     print("\nwarm-up slice sweep (stop rule applied offline to the paired plain traces):")
     print(sweep_table(sweep))
     print("adaptive exit without halting (majority vote): " + "; ".join(
-        f"consensus {x['consensus']:g}: acc {x['accuracy']:.1%}, saved {x['tokens_saved']:.1%}" for x in plain_adaptive))
+        f"consensus {x['consensus']:g} waves {x['waves']}: acc {x['accuracy']:.1%}, saved {x['tokens_saved']:.1%}"
+        for x in plain_adaptive))
     ok = [x for x in plain_adaptive if x["loss_points"] <= a.select_loss + 1e-9]
     chosen_plain = (max(ok, key=lambda x: x["tokens_saved"]) if ok
                     else min(plain_adaptive, key=lambda x: x["loss_points"]))
@@ -265,23 +302,26 @@ def main() -> None:
                   logprobs=a.simulate, **sargs)
     base_s = time.time() - t1
     s0 = chosen[False]
+    rule0 = Rule(s0["signal"], s0["window"])
     t1 = time.time()
     stop = sample(llm, ids, probs, [(i, j) for i in range(n) for j in range(K)], HELD_OUT_SEED,
-                  stop_ttc(s0["window"], s0["threshold"], a.min_tokens), logprobs=s0["weighted"], **sargs)
+                  stop_ttc(rule0, s0["threshold"], a.min_tokens), logprobs=s0["weighted"], **sargs)
     stop_s = time.time() - t1
     s1 = chosen[True]
+    rule1 = Rule(s1["signal"], s1["window"])
     t1 = time.time()
     adapt: dict[tuple[int, int], Trace] = {}
     open_ = list(range(n))
     done = 0
-    for w in waves:
+    for w in s1["waves"]:
         jobs = [(i, j) for i in open_ for j in range(done, done + w)]
         adapt.update(sample(llm, ids, probs, jobs, HELD_OUT_SEED,
-                            stop_ttc(s1["window"], s1["threshold"], a.min_tokens), logprobs=s1["weighted"],
+                            stop_ttc(rule1, s1["threshold"], a.min_tokens), logprobs=s1["weighted"],
                             **sargs))
         done += w
         open_ = [i for i in open_ if not consensus([adapt[(i, j)] for j in range(done)], s1["weighted"],
-                                                   s1["window"], a.min_tokens, s1["consensus"], a.min_votes)]
+                                                   rule1.weight_window, a.min_tokens, s1["consensus"],
+                                                   a.min_votes)]
         if not open_:
             break
     adapt_s = time.time() - t1
@@ -294,20 +334,20 @@ def main() -> None:
         for k in (1, 2, 4, 8, 16):
             r = run_policy([ts[:k] for ts in b_pp], ans, False, 16, 0, None, 1.0, 1)
             rows.append(dict(tier=tier, arm=f"majority@{k}", **r))
-        r = run_policy([[stop[(i, j)] for j in range(K)] for i in idx], ans, s0["weighted"], s0["window"],
-                       a.min_tokens, None, 1.0, 1)
+        r = run_policy([[stop[(i, j)] for j in range(K)] for i in idx], ans, s0["weighted"],
+                       rule0.weight_window, a.min_tokens, None, 1.0, 1)
         rows.append(dict(tier=tier, arm="stop", **r))
         a_pp = [[adapt[(i, j)] for j in range(K) if (i, j) in adapt] for i in idx]
-        r = run_policy(a_pp, ans, s1["weighted"], s1["window"], a.min_tokens, None, 1.0, 1)
+        r = run_policy(a_pp, ans, s1["weighted"], rule1.weight_window, a.min_tokens, None, 1.0, 1)
         rows.append(dict(tier=tier, arm="stop+adaptive", **r))
         # the adaptive exit alone: with paired seeds, exactly the first traces of the plain run
-        r = run_policy(b_pp, ans, False, 16, 0, waves, chosen_plain["consensus"], a.min_votes)
+        r = run_policy(b_pp, ans, False, 16, 0, chosen_plain["waves"], chosen_plain["consensus"], a.min_votes)
         rows.append(dict(tier=tier, arm="adaptive only (no halting)", **r))
         # what the offline simulation predicts for the same settings (fidelity check)
-        for name, s, wv in ((("stop (simulated)", s0, None), ("stop+adaptive (simulated)", s1, waves))
-                            if a.simulate else ()):
-            sim = [[simulate_stop(t, s["window"], s["threshold"], a.min_tokens) for t in ts] for ts in b_pp]
-            r = run_policy(sim, ans, s["weighted"], s["window"], a.min_tokens, wv, s["consensus"] or 1.0,
+        for name, s, rule, wv in ((("stop (simulated)", s0, rule0, None),
+                                   ("stop+adaptive (simulated)", s1, rule1, s1["waves"])) if a.simulate else ()):
+            sim = [[simulate_stop(t, rule, s["threshold"], a.min_tokens) for t in ts] for ts in b_pp]
+            r = run_policy(sim, ans, s["weighted"], rule.weight_window, a.min_tokens, wv, s["consensus"] or 1.0,
                            a.min_votes)
             rows.append(dict(tier=tier, arm=name, **r))
     base_by = {r["tier"]: r for r in rows if r["arm"] == "majority@16"}
@@ -333,8 +373,9 @@ def main() -> None:
 
     path = cc.write_result("controls_voting", {
         "model": cc.model_name(a), "temperature": a.temperature, "k": K, "tiers": tiers,
-        "max_tokens": a.max_tokens, "halting": "group_confidence / min / direction below / action stop",
-        "min_tokens": a.min_tokens, "waves": waves, "consensus_swept": shares, "min_votes": a.min_votes,
+        "max_tokens": a.max_tokens, "halting": "signal swept / min / direction below / action stop",
+        "signals": [r.signal for r in rules], "min_tokens": a.min_tokens, "waves_swept": schedules,
+        "consensus_swept": shares, "min_votes": a.min_votes,
         "adaptive_only_warmup": plain_adaptive, "adaptive_only_chosen": chosen_plain,
         "warmup": {"seed": CALIBRATION_SEED, "problems_per_tier": a.cal_problems, "traces_per_problem": K,
                    "tokens": warmup_tokens, "majority16": base_cal, "select_loss_points": a.select_loss},
@@ -351,16 +392,19 @@ def main() -> None:
 
 
 def fmt(s: dict) -> str:
-    how = f"adaptive (consensus {s['consensus']:g})" if s["adaptive"] else "all 16"
-    return (f"window {s['window']}, percentile {s['percentile']:g} (tau {s['threshold']:.3f}), "
+    how = f"adaptive (consensus {s['consensus']:g}, waves {s['waves']})" if s["adaptive"] else "all 16"
+    win = f" window {s['window']}" if s["signal"] == "group_confidence" else ""
+    return (f"{s['signal']}{win}, percentile {s['percentile']:g} (tau {s['threshold']:.3f}), "
             f"{'weighted' if s['weighted'] else 'majority'} vote, {how}: "
             f"acc {s['accuracy']:.1%} (loss {s['loss_points']:.1f} pts), tokens saved {s['tokens_saved']:.1%}")
 
 
 def sweep_table(sweep) -> str:
-    return cc.table(["window", "pct", "tau", "vote", "consensus", "acc", "loss pts", "saved", "stopped", "traces"],
-                    [[s["window"], f"{s['percentile']:g}", f"{s['threshold']:.3f}",
+    return cc.table(["signal", "window", "pct", "tau", "vote", "consensus", "waves", "acc", "loss pts", "saved",
+                     "stopped", "traces"],
+                    [[s["signal"], s["window"], f"{s['percentile']:g}", f"{s['threshold']:.3f}",
                       "weighted" if s["weighted"] else "majority", f"{s['consensus']:g}" if s["adaptive"] else "-",
+                      ",".join(map(str, s["waves"])) if s["waves"] else "-",
                       cc.pct(s["accuracy"]), f"{s['loss_points']:.1f}", cc.pct(s["tokens_saved"]),
                       cc.pct(s["stopped_share"]), f"{s['traces']:.1f}"] for s in sweep])
 
