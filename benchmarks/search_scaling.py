@@ -183,13 +183,15 @@ def main() -> None:
     # the search settings shared by the grid (strategy and n vary by row)
     setups = {json.dumps(r["setup"]["options"] | {"strategy": None, "n": None}, sort_keys=True)
               for r in records}
-    cells = len(tiers) * sum(valid_cell(st, int(n)) for st in a.strategies.split(",") for n in a.n.split(","))
-    complete = len(rows) == cells and all(r["problems"] == a.problems for r in rows)
+    have = {(r["tier"], r["strategy"], r["n"]) for r in rows if r["problems"] == a.problems}
+    missing = [f"{t}/{st}/n={n}" for t in tiers for st in a.strategies.split(",") for n in map(int, a.n.split(","))
+               if valid_cell(st, n) and (t, st, n) not in have]
+    complete = not missing
     path = write_result("search_scaling", {
         "tiers": tiers, "problems_per_tier": a.problems, "n": a.n, "temperature": a.temperature,
         "search": [json.loads(x) for x in sorted(setups)],
         "prm": next((r["setup"]["prm"] for r in records if r["setup"]["prm"]), None),
-        "greedy": greedy, "rows": rows, "targets": goal, "complete_grid": complete,
+        "greedy": greedy, "rows": rows, "targets": goal, "complete_grid": complete, "missing_cells": missing,
         "seconds": round(time.time() - t0, 1),
     })
     plot(rows, greedy, RESULTS / "search_scaling.png", a.problems)
