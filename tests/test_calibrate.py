@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from ttc_vllm import calibrate as cal
+from ttc_vllm.options import TTCOptions
 
 
 def test_entry_by_percentile_uses_engine_maths():
@@ -32,6 +33,11 @@ def test_confidence_threshold_is_clamped_into_range():
     e = cal.calibrate_entry([[0.0], [0.0], [1.0]], signal="token_confidence", aggregate="mean", window=1,
                             max_loss=1.0, correct=[True, True, True])
     assert e["threshold"] == 0.0
+    # "below" acting on every trace puts tau just above the largest score: 0 for a margin
+    e = cal.calibrate_entry([[0.0], [-1.0]], signal="sampled_margin", aggregate="min", window=1,
+                            direction="below", max_loss=1.0, correct=[False, False])
+    assert e["threshold"] == 0.0
+    TTCOptions.model_validate({"halting": {k: e[k] for k in ("signal", "aggregate", "threshold", "direction")}})
 
 
 def test_save_load_roundtrip_and_errors(tmp_path, monkeypatch):

@@ -96,8 +96,12 @@ def calibrate_entry(traces: Sequence[Sequence[float]], *, signal: str, aggregate
         if correct is None:
             raise ValueError("max_loss needs the correctness of each trace")
         tau = H.threshold_by_accuracy_loss(scores, correct, max_loss, direction)
+    # keep tau in the signal's range, which the options check: confidences are >= 0,
+    # minus the entropy and the sampled margin are <= 0
     if signal in ("token_confidence", "group_confidence"):
-        tau = max(tau, 0.0)  # the confidence signals are >= 0; keep tau in their range
+        tau = max(tau, 0.0)
+    elif signal in ("entropy", "sampled_margin"):
+        tau = min(tau, 0.0)
     entry: dict[str, Any] = {
         "signal": signal, "aggregate": aggregate, "window": window, "top_k": top_k,
         "direction": direction, "min_tokens": min_tokens, "threshold": tau,
