@@ -18,7 +18,7 @@ it forces EOS): the arms are paired, trace by trace.
    leave the vote, and each setting (rule, percentile, vote = majority or confidence-weighted,
    adaptive or not) gets its accuracy and tokens vs plain majority@16. "Adaptive" adds
    DeepConf's early exit: traces come in waves (--waves schedules, swept) and a problem stops
-   sampling once >= --min-votes answers agree at a (weighted) share >= a --consensus value
+   sampling once >= --min-votes answers (swept) agree at a (weighted) share >= a --consensus value
    (swept). The adaptive exit without any halting is reported too, to separate the two.
    The setting with the fewest tokens at <= --select-loss points below majority@16 is chosen,
    separately without and with the adaptive exit.
@@ -205,7 +205,7 @@ def main() -> None:
                          "';' between schedules)")
     ap.add_argument("--consensus", default="0.95,0.75,0.6",
                     help="answer shares that end sampling (adaptive), swept on the warm-up slice")
-    ap.add_argument("--min-votes", type=int, default=3, help="answers needed before the adaptive exit")
+    ap.add_argument("--min-votes", default="2,3", help="answers needed before the adaptive exit (swept)")
     ap.add_argument("--select-loss", type=float, default=1.0,
                     help="accuracy loss (points) vs majority@16 allowed on the calibration slice")
     ap.add_argument("--max-tokens", type=int, default=400)
@@ -225,11 +225,13 @@ def main() -> None:
     if not schedules or any(sum(w) != K for w in schedules):
         raise SystemExit(f"every --waves schedule must sum to {K}")
     windows = [int(x) for x in a.windows.split(",")]
+    min_votes = [int(x) for x in a.min_votes.split(",")]
     rules = [Rule(sig, w) for sig in a.signals.split(",")
              for w in (windows if sig == "group_confidence" else [1])]
     if any(r.signal not in ("group_confidence", "sampled_margin") for r in rules):
         raise SystemExit("--signals: group_confidence and/or sampled_margin")
     shares = [float(x) for x in a.consensus.split(",")]
+    exits = [(x, w, mv) for x in shares for w in schedules for mv in min_votes]
     percentiles = [float(x) for x in a.percentiles.split(",")]
     # Per-request seeds + chunked prefill crash vLLM 0.32 on CPU ("CPU Generator does not use
     # offset" when a partial prefill's sampled token is discarded): prefill whole prompts.
@@ -257,28 +259,29 @@ def main() -> None:
             HaltingOptions.model_validate(stop_ttc(rule, tau, a.min_tokens)["halting"])
             sim = [[simulate_stop(t, rule, tau, a.min_tokens) for t in ts] for ts in cal_pp]
             for weighted in (False, True):
-                for share, sched in [(None, None)] + [(x, w) for x in shares for w in schedules]:
+                for share, sched, mv in [(None, None, None)] + exits:
                     adaptive = share is not None
                     r = run_policy(sim, cal_ans, weighted, rule.weight_window, a.min_tokens, sched,
-                                   share or 1.0, a.min_votes)
+                                   share or 1.0, mv or 1)
                     sweep.append(dict(signal=rule.signal, window=rule.window, percentile=pc, threshold=tau,
                                       weighted=weighted, adaptive=adaptive, consensus=share, waves=sched,
+                                      min_votes=mv,
                                       accuracy=r["accuracy"], tokens=r["tokens"],
                                       loss_points=100 * (base_cal["accuracy"] - r["accuracy"]),
                                       tokens_saved=1 - r["tokens"] / base_cal["tokens"],
                                       stopped_share=r["stopped_share"], traces=r["traces"]))
     # The adaptive exit alone (no halting): the first traces of the plain run, majority vote.
     plain_adaptive = []
-    for share in shares:
-        for sched in schedules:
-            r = run_policy(cal_pp, cal_ans, False, 16, 0, sched, share, a.min_votes)
-            plain_adaptive.append(dict(consensus=share, waves=sched, accuracy=r["accuracy"], tokens=r["tokens"],
-                                       traces=r["traces"], loss_points=100 * (base_cal["accuracy"] - r["accuracy"]),
-                                       tokens_saved=1 - r["tokens"] / base_cal["tokens"]))
+    for share, sched, mv in exits:
+        r = run_policy(cal_pp, cal_ans, False, 16, 0, sched, share, mv)
+        plain_adaptive.append(dict(consensus=share, waves=sched, min_votes=mv, accuracy=r["accuracy"],
+                                   tokens=r["tokens"], traces=r["traces"],
+                                   loss_points=100 * (base_cal["accuracy"] - r["accuracy"]),
+                                   tokens_saved=1 - r["tokens"] / base_cal["tokens"]))
     print("\nwarm-up slice sweep (stop rule applied offline to the paired plain traces):")
     print(sweep_table(sweep))
     print("adaptive exit without halting (majority vote): " + "; ".join(
-        f"consensus {x['consensus']:g} waves {x['waves']}: acc {x['accuracy']:.1%}, saved {x['tokens_saved']:.1%}"
+        f"consensus {x['consensus']:g} waves {x['waves']} min votes {x['min_votes']}: acc {x['accuracy']:.1%}, saved {x['tokens_saved']:.1%}"
         for x in plain_adaptive))
     ok = [x for x in plain_adaptive if x["loss_points"] <= a.select_loss + 1e-9]
     chosen_plain = (max(ok, key=lambda x: x["tokens_saved"]) if ok
@@ -321,7 +324,7 @@ def main() -> None:
         done += w
         open_ = [i for i in open_ if not consensus([adapt[(i, j)] for j in range(done)], s1["weighted"],
                                                    rule1.weight_window, a.min_tokens, s1["consensus"],
-                                                   a.min_votes)]
+                                                   s1["min_votes"])]
         if not open_:
             break
     adapt_s = time.time() - t1
@@ -341,14 +344,15 @@ def main() -> None:
         r = run_policy(a_pp, ans, s1["weighted"], rule1.weight_window, a.min_tokens, None, 1.0, 1)
         rows.append(dict(tier=tier, arm="stop+adaptive", **r))
         # the adaptive exit alone: with paired seeds, exactly the first traces of the plain run
-        r = run_policy(b_pp, ans, False, 16, 0, chosen_plain["waves"], chosen_plain["consensus"], a.min_votes)
+        r = run_policy(b_pp, ans, False, 16, 0, chosen_plain["waves"], chosen_plain["consensus"],
+                       chosen_plain["min_votes"])
         rows.append(dict(tier=tier, arm="adaptive only (no halting)", **r))
         # what the offline simulation predicts for the same settings (fidelity check)
         for name, s, rule, wv in ((("stop (simulated)", s0, rule0, None),
                                    ("stop+adaptive (simulated)", s1, rule1, s1["waves"])) if a.simulate else ()):
             sim = [[simulate_stop(t, rule, s["threshold"], a.min_tokens) for t in ts] for ts in b_pp]
             r = run_policy(sim, ans, s["weighted"], rule.weight_window, a.min_tokens, wv, s["consensus"] or 1.0,
-                           a.min_votes)
+                           s["min_votes"] or 1)
             rows.append(dict(tier=tier, arm=name, **r))
     base_by = {r["tier"]: r for r in rows if r["arm"] == "majority@16"}
     for r in rows:
@@ -375,7 +379,7 @@ def main() -> None:
         "model": cc.model_name(a), "temperature": a.temperature, "k": K, "tiers": tiers,
         "max_tokens": a.max_tokens, "halting": "signal swept / min / direction below / action stop",
         "signals": [r.signal for r in rules], "min_tokens": a.min_tokens, "waves_swept": schedules,
-        "consensus_swept": shares, "min_votes": a.min_votes,
+        "consensus_swept": shares, "min_votes_swept": min_votes,
         "adaptive_only_warmup": plain_adaptive, "adaptive_only_chosen": chosen_plain,
         "warmup": {"seed": CALIBRATION_SEED, "problems_per_tier": a.cal_problems, "traces_per_problem": K,
                    "tokens": warmup_tokens, "majority16": base_cal, "select_loss_points": a.select_loss},
@@ -392,7 +396,8 @@ def main() -> None:
 
 
 def fmt(s: dict) -> str:
-    how = f"adaptive (consensus {s['consensus']:g}, waves {s['waves']})" if s["adaptive"] else "all 16"
+    how = (f"adaptive (consensus {s['consensus']:g}, waves {s['waves']}, min votes {s['min_votes']})"
+           if s["adaptive"] else "all 16")
     win = f" window {s['window']}" if s["signal"] == "group_confidence" else ""
     return (f"{s['signal']}{win}, percentile {s['percentile']:g} (tau {s['threshold']:.3f}), "
             f"{'weighted' if s['weighted'] else 'majority'} vote, {how}: "
@@ -404,7 +409,7 @@ def sweep_table(sweep) -> str:
                      "stopped", "traces"],
                     [[s["signal"], s["window"], f"{s['percentile']:g}", f"{s['threshold']:.3f}",
                       "weighted" if s["weighted"] else "majority", f"{s['consensus']:g}" if s["adaptive"] else "-",
-                      ",".join(map(str, s["waves"])) if s["waves"] else "-",
+                      f"{','.join(map(str, s['waves']))} mv{s['min_votes']}" if s["waves"] else "-",
                       cc.pct(s["accuracy"]), f"{s['loss_points']:.1f}", cc.pct(s["tokens_saved"]),
                       cc.pct(s["stopped_share"]), f"{s['traces']:.1f}"] for s in sweep])
 
