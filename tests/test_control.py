@@ -425,3 +425,26 @@ def test_sampled_margin_stops_at_an_unlikely_sampled_token(compiled):
     assert forced.argmax().item() == EOS and torch.isinf(forced[0, WORD])
     rec = c.remove(0)
     assert (rec.reason, rec.stop_step) == ("stop", 2)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(C, "compiled_advance", lambda: broken)
+    c = ctrl(compile=True)
+    c.add(0, params(think_cap=7))
+    out = greedy_run(c, [0], 9, lambda t, i, o: WORD)[0]
+    assert out[:9] == [WORD] * 4 + list(CONC) + [END] + [WORD]   # as in the eager cap test
+    assert not c.compiled and "running it eagerly" in caplog.text
+
+
+def test_compile_env_setting(monkeypatch):
+    for value, cpu in (("auto", True), ("0", False), ("1", True)):
+        monkeypatch.setenv(C.COMPILE_ENV, value)
+        assert C.want_compile(torch.device("cpu")) is cpu
+    monkeypatch.setenv(C.COMPILE_ENV, "auto")
+    assert C.want_compile(torch.device("cuda")) is False
+    monkeypatch.setenv(C.COMPILE_ENV, "sometimes")
+    with pytest.raises(ValueError, match=C.COMPILE_ENV):
+        C.want_compile(torch.device("cpu"))
