@@ -13,10 +13,9 @@ Per-token value r_t, computed from the logits the t-th thinking token was sample
 `sampled_margin` is 0 whenever the model's top choice was sampled and very negative when
 sampling picked a token the model itself found unlikely -- the typical start of a slip
 (a wrong digit). With `aggregate="min", direction="below", action="stop"` it ends a trace
-at its first such token; on the testbed its trace minimum separates right from wrong
-traces far better than confidence does (see benchmarks/controls_voting.py). Its value
-needs the token sampled from the logits, so the engine keeps each slot's top-20 ids and
-log-probs for one step and scores the token when it arrives.
+at its first such token (benchmarks/controls_voting.py sweeps it beside group
+confidence). Its value needs the token sampled from the logits, so the engine keeps each
+slot's top-20 ids and log-probs for one step and scores the token when it arrives.
 
 For `token_confidence`, `entropy` and `sampled_margin` the series is v_t = r_t. Aggregates f over the
 valid v of the thinking so far:
