@@ -153,8 +153,8 @@ class ThinkingController:
     def __init__(self, num_slots: int, markers: Markers, device: torch.device | str = "cpu",
                  seq_capacity: int = 32, suppress_capacity: int = 8, window: int = 64,
                  compile: bool | None = None):
-        self.num_slots = num_slots
-        self.null_slot = num_slots     # rows without a slot point here; it stays INACTIVE
+        self.num_slots = num_slots     # + one null slot (the last row): rows without a slot
+                                       # point there, and it stays INACTIVE
         self.markers = markers
         self.device = torch.device(device)
         self.marker_ids = torch.tensor([markers.think_start, markers.think_end], device=self.device)
@@ -174,6 +174,7 @@ class ThinkingController:
         # Host-side bookkeeping only (no device reads): which optional work a step needs.
         self._active: set[int] = set()
         self._halting: dict[int, int] = {}     # slot -> signal code
+        self._mode = HALT_OFF                  # halting work a step needs, from `_halting`
 
     # ---- admission / removal (host, once per request) ---------------------------------
 
@@ -225,6 +226,7 @@ class ThinkingController:
             self._halting[slot] = h.signal
         else:
             self._halting.pop(slot, None)
+        self._mode = halting_mode(self._halting.values())
 
     def init_from_history(self, slots: torch.Tensor, history: torch.Tensor,
                           lengths: torch.Tensor, output_tokens: torch.Tensor) -> None:
@@ -250,6 +252,7 @@ class ThinkingController:
         self.ints[slot, C_PHASE] = PHASE_INACTIVE
         self._active.discard(slot)
         self._halting.pop(slot, None)
+        self._mode = halting_mode(self._halting.values())
         return rec
 
     def _fit_seqs(self, length: int) -> None:
@@ -277,13 +280,10 @@ class ThinkingController:
         """
         if not self._active:
             return logits
-        codes = set(self._halting.values())
-        mode = ((HALT_CONFIDENCE if codes & {H.SIGNAL_TOKEN, H.SIGNAL_GROUP} else HALT_OFF)
-                | (HALT_ENTROPY if H.SIGNAL_ENTROPY in codes else HALT_OFF)
-                | (HALT_SAMPLED if H.SIGNAL_SAMPLED in codes else HALT_OFF))
         dev = self.device
         sub = logits if rows is None else logits.index_select(0, rows)
-        args = (sub, slots.to(dev).long(), last_tokens.to(dev).long(), output_tokens.to(dev).long(), mode)
+        args = (sub, slots.to(dev).long(), last_tokens.to(dev).long(), output_tokens.to(dev).long(),
+                self._mode)
         try:
             self._advance_fn(self, *args)
         except Exception:
@@ -409,6 +409,14 @@ class ThinkingController:
         keep = sub.gather(1, ftok)
         sub.masked_fill_(forced[:, None], float("-inf"))
         sub.scatter_(1, ftok, torch.where(forced[:, None], 0.0, keep))
+
+
+def halting_mode(signal_codes) -> int:
+    """The HALT_* flags of the work the given halting signals need each step."""
+    codes = set(signal_codes)
+    return ((HALT_CONFIDENCE if codes & {H.SIGNAL_TOKEN, H.SIGNAL_GROUP} else HALT_OFF)
+            | (HALT_ENTROPY if H.SIGNAL_ENTROPY in codes else HALT_OFF)
+            | (HALT_SAMPLED if H.SIGNAL_SAMPLED in codes else HALT_OFF))
 
 
 def want_compile(device: torch.device) -> bool:
