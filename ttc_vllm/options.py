@@ -24,8 +24,13 @@ MAX_FORCED_TEXT_CHARS = 256
 
 Signal = Literal["token_confidence", "group_confidence", "entropy", "sampled_margin"]
 Aggregate = Literal["mean", "min", "tail"]
-# Signals whose per-token value is a confidence (>= 0): -mean of top-k log-probs.
-CONFIDENCE_SIGNALS = ("token_confidence", "group_confidence")
+# The range of each signal's per-token value: "+" >= 0, "-" <= 0, and what it is.
+SIGNAL_RANGES = {
+    "token_confidence": ("+", "minus the mean of top-k log-probs"),
+    "group_confidence": ("+", "minus the mean of top-k log-probs, averaged over a window"),
+    "entropy": ("-", "minus the entropy, larger = more confident"),
+    "sampled_margin": ("-", "log p(sampled) - log p(top)"),
+}
 
 
 class HaltingOptions(BaseModel):
@@ -83,18 +88,17 @@ def check_threshold_range(signal: str, threshold: float | str) -> None:
     """A threshold outside the signal's range could never (or would always) fire."""
     if isinstance(threshold, str):
         return
-    if signal in CONFIDENCE_SIGNALS and threshold < 0:
-        raise ValueError(
-            f"{signal} is >= 0 (minus the mean of top-k log-probs); "
-            f"a negative threshold {threshold} makes no sense")
-    if signal == "entropy" and threshold > 0:
-        raise ValueError(
-            f"the entropy signal is minus the entropy (<= 0, larger = more "
-            f"confident); a positive threshold {threshold} makes no sense")
-    if signal == "sampled_margin" and threshold > 0:
-        raise ValueError(
-            f"sampled_margin is log p(sampled) - log p(top) (<= 0); a positive threshold "
-            f"{threshold} makes no sense")
+    sign, what = SIGNAL_RANGES.get(signal, (None, ""))
+    if sign == "+" and threshold < 0:
+        raise ValueError(f"{signal} is >= 0 ({what}); a negative threshold {threshold} makes no sense")
+    if sign == "-" and threshold > 0:
+        raise ValueError(f"{signal} is <= 0 ({what}); a positive threshold {threshold} makes no sense")
+
+
+def clamp_threshold(signal: str, threshold: float) -> float:
+    """`threshold` moved into the signal's range (the edge where it leaves it)."""
+    sign = SIGNAL_RANGES.get(signal, (None, ""))[0]
+    return max(threshold, 0.0) if sign == "+" else min(threshold, 0.0) if sign == "-" else threshold
 
 
 class TTCOptions(BaseModel):
