@@ -2,6 +2,7 @@
 through real vLLM.
 
     python benchmarks/controls_overhead.py [--batch 64] [--max-tokens 384] [--rounds 5] [--model DIR]
+                                           [--step-backend auto|numba|compile|eager]
 
 One engine, one run. Each round generates one batch of `--batch` requests per arm, the arms
 alternating within the round (ABC, then BCA, ... so no arm always goes first), so machine
@@ -47,7 +48,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--step-backend", default=None, choices=["auto", "numba", "compile", "eager"],
+                    help="the controller step backend (TTC_VLLM_STEP; default: as set, else auto)")
     a = ap.parse_args()
+    if a.step_backend:
+        os.environ["TTC_VLLM_STEP"] = a.step_backend   # read by the engine's worker process
+    from ttc_vllm.control import step_backend
+
+    import torch
+
+    backend = step_backend(torch.device("cpu"))
 
     from ttc_vllm.testbed.task import generate, prompt
 
@@ -95,7 +105,8 @@ def main() -> None:
                          ratio_min=min(ratios[arm]), ratio_max=max(ratios[arm]), ratios=ratios[arm],
                          tokens_per_cpu_s=cpu_tput[arm], cpu_ratio_median=statistics.median(cpu_ratios[arm]),
                          cpu_ratios=cpu_ratios[arm]))
-    print(f"\nbatch {a.batch}, {a.max_tokens} tokens each (ignore_eos), {a.rounds} alternating rounds:")
+    print(f"\nbatch {a.batch}, {a.max_tokens} tokens each (ignore_eos), {a.rounds} alternating rounds, "
+          f"controller step backend {backend}:")
     print(cc.table(["arm", "tok/s (median)", "ratio median", "ratio min", "ratio max", "CPU-time ratio"],
                    [[r["arm"], f"{r['tokens_per_s_median']:.0f}", f"{r['ratio_median']:.3f}",
                      f"{r['ratio_min']:.3f}", f"{r['ratio_max']:.3f}", f"{r['cpu_ratio_median']:.3f}"] for r in rows]))
@@ -107,7 +118,7 @@ def main() -> None:
         print(f"\ntarget: {TARGET_ARM} >= 0.97x plain -> {target['ratio_median']:.3f}x: {'MET' if met else 'NOT MET'}")
     print(f"requests that did not run to max_tokens: {short_total} (must be 0)")
     path = cc.write_result("controls_overhead", {
-        "model": cc.model_name(a), "batch": a.batch, "max_tokens": a.max_tokens, "rounds": a.rounds,
+        "model": cc.model_name(a), "step_backend": backend, "batch": a.batch, "max_tokens": a.max_tokens, "rounds": a.rounds,
         "arms": {arm: ARMS[arm] for arm in arms}, "rows": rows, "short_requests": short_total,
         "target": {"arm": TARGET_ARM, "ratio_min": 0.97, "met": met}, "seconds": round(time.time() - t0, 1),
         "load_average_1m_after": os.getloadavg()[0],

@@ -4,10 +4,12 @@ VLLM_USE_V2_MODEL_RUNNER=0).
 Rows of the persistent batch map to controller slots through a host table (moves swap
 table entries; no tensor copies). Each step the only per-row Python is the gather of each
 row's last output token and length from the live `output_ids` lists; the rest is
-`ThinkingController.step` on the logits' device.
+`ThinkingController.step` (on CPU one numba kernel call, elsewhere torch ops on the
+logits' device).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
@@ -101,6 +103,16 @@ class TTCLogitsProcessorV1(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self._rows:
             return logits
-        # The one per-row Python loop: (last token, length) of each live output list.
-        seen = self._to_device([(o[-1] if o else -1, len(o)) for o in self._outs])
-        return self.ctrl.step(logits, self._slots_t, seen[:, 0], seen[:, 1], rows=self._rows_t)
+        # The one per-row Python pass: last token and length of each live output list
+        # (np.fromiter: a tenth of the time of torch.tensor on a list of tuples).
+        n = len(self._outs)
+        last = np.fromiter((o[-1] if o else -1 for o in self._outs), np.int64, n)
+        lens = np.fromiter(map(len, self._outs), np.int64, n)
+        return self.ctrl.step(logits, self._slots_t, self._host_to_device(last),
+                              self._host_to_device(lens), rows=self._rows_t)
+
+    def _host_to_device(self, values: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(values)
+        if self.device.type == "cpu":
+            return t
+        return (t.pin_memory() if self.pin_memory else t).to(self.device, non_blocking=True)

@@ -27,6 +27,14 @@ WORD = TOK.encode("7", add_special_tokens=False)[0]
 MAX_REQS, MAX_LEN = 6, 128
 
 
+@pytest.fixture(autouse=True, params=["eager", "numba"])
+def step_backend(request, monkeypatch):
+    """V2 runs on GPUs, where the controller takes the torch step (eager); the CPU kernel
+    is driven through the same interface too."""
+    monkeypatch.setenv("TTC_VLLM_STEP", request.param)
+    return request.param
+
+
 def context():
     ctx = common.EngineContext(TOK, None, "testbed", EOS)
     ctx.markers = common.EngineContext._markers(SimpleNamespace(), TOK)

@@ -31,6 +31,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ttc_vllm import halting as H
@@ -43,7 +44,8 @@ REASON_NAMES = ("none", "natural", "budget", "halt", "stop")
 UNLIMITED = 1 << 60
 # Halting work a step does, host-known from the active slots' signals: bit flags (0 = none).
 HALT_OFF, HALT_CONFIDENCE, HALT_ENTROPY, HALT_SAMPLED = 0, 1, 2, 4
-COMPILE_ENV = "TTC_VLLM_COMPILE"   # auto (compile on CPU) | 1 (always) | 0 (never)
+STEP_ENV = "TTC_VLLM_STEP"   # auto | numba | compile | eager (see `step_backend`)
+BACKENDS = ("numba", "compile", "eager")
 logger = logging.getLogger("ttc_vllm.control")
 
 # Columns of the int64 per-slot state matrix (one gather / one scatter per step).
@@ -152,14 +154,21 @@ class ThinkingController:
 
     def __init__(self, num_slots: int, markers: Markers, device: torch.device | str = "cpu",
                  seq_capacity: int = 32, suppress_capacity: int = 8, window: int = 64,
-                 compile: bool | None = None):
+                 backend: str | None = None):
         self.num_slots = num_slots     # + one null slot (the last row): rows without a slot
                                        # point there, and it stays INACTIVE
         self.markers = markers
         self.device = torch.device(device)
         self.marker_ids = torch.tensor([markers.think_start, markers.think_end], device=self.device)
-        self.compiled = want_compile(self.device) if compile is None else compile
-        self._advance_fn = compiled_advance() if self.compiled else ThinkingController._advance
+        self.backend = step_backend(self.device) if backend is None else backend
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "numba" and self.device.type != "cpu":
+            raise ValueError("the numba step backend runs on CPU only")
+        self._advance_fn = compiled_advance() if self.backend == "compile" else ThinkingController._advance
+        self._views: tuple | None = None      # numpy views of the state (numba backend)
+        self._arange = np.arange(0)
+        self._no_rows = np.zeros(0, dtype=np.float32)
         n = num_slots + 1
         self.ints = torch.zeros(n, NUM_INT_COLS, dtype=torch.long, device=self.device)
         self.floats = torch.zeros(n, 2, dtype=torch.float32, device=self.device)
@@ -222,6 +231,7 @@ class ThinkingController:
         self.seqs[slot] = seq_rows.to(self.device)
         self.suppress[slot] = sup_row.to(self.device)
         self._active.add(slot)
+        self._views = None   # _fit_* / windows.reset may have reallocated state tensors
         if h is not None:
             self._halting[slot] = h.signal
         else:
@@ -280,6 +290,14 @@ class ThinkingController:
         """
         if not self._active:
             return logits
+        if self.backend == "numba" and _cpu_kernel_supports(logits):
+            try:
+                self._kernel_step(logits, slots, last_tokens, output_tokens, rows)
+                return logits
+            except Exception:
+                # numba compiles at the first call, before the kernel touches any state
+                logger.exception("ttc-vllm: the numba controller step failed; running it eagerly")
+                self.backend = "eager"
         dev = self.device
         sub = logits if rows is None else logits.index_select(0, rows)
         args = (sub, slots.to(dev).long(), last_tokens.to(dev).long(), output_tokens.to(dev).long(),
@@ -287,15 +305,41 @@ class ThinkingController:
         try:
             self._advance_fn(self, *args)
         except Exception:
-            if not self.compiled:
+            if self.backend != "compile":
                 raise
             # A compiler failure happens before the graph runs (state untouched): go eager.
             logger.exception("ttc-vllm: compiling the controller step failed; running it eagerly")
-            self.compiled, self._advance_fn = False, ThinkingController._advance
+            self.backend, self._advance_fn = "eager", ThinkingController._advance
             self._advance_fn(self, *args)
         if rows is not None:
             logits.index_copy_(0, rows, sub)
         return logits
+
+    def _kernel_step(self, logits: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
+                     out_len: torch.Tensor, rows: torch.Tensor | None) -> None:
+        from ttc_vllm.control_cpu import state_views, step_kernel
+
+        if self._views is None:
+            self._views = state_views(self)
+        if rows is None:
+            if self._arange.shape[0] != logits.shape[0]:
+                self._arange = np.arange(logits.shape[0], dtype=np.int64)
+            rows_np = self._arange
+        else:
+            rows_np = _int64_numpy(rows)
+        # Passes over the whole vocabulary run vectorized before the kernel: torch's SIMD
+        # exp (log-sum-exp, entropy) and numpy's SIMD sort (the top-k of token confidence).
+        x = logits.numpy()
+        if self._mode == HALT_OFF:
+            lse = neg_ent = self._no_rows
+        else:
+            lse_t = torch.logsumexp(logits, dim=-1)
+            lse = lse_t.numpy()
+            neg_ent = H.neg_entropy(logits, lse_t).numpy() if self._mode & HALT_ENTROPY else lse
+        x_sorted = np.sort(x, axis=1) if self._mode & HALT_CONFIDENCE else x
+        step_kernel(x, x_sorted, lse, neg_ent, rows_np, _int64_numpy(slots), _int64_numpy(last),
+                    _int64_numpy(out_len), self.markers.think_start, self.markers.think_end,
+                    *self._views)
 
     def _advance(self, sub: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
                  out_len: torch.Tensor, mode: int) -> None:
@@ -419,18 +463,34 @@ def halting_mode(signal_codes) -> int:
             | (HALT_SAMPLED if H.SIGNAL_SAMPLED in codes else HALT_OFF))
 
 
-def want_compile(device: torch.device) -> bool:
-    """TTC_VLLM_COMPILE: auto compiles on CPU, where the ~100 small tensor ops of a step
-    cost far more in dispatch than in arithmetic (about 5x less time compiled); GPUs run
-    the eager ops asynchronously and stay eager unless set to 1."""
-    value = os.environ.get(COMPILE_ENV, "auto").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    if value != "auto":
-        raise ValueError(f"{COMPILE_ENV} must be auto, 1 or 0, got {value!r}")
-    return device.type == "cpu"
+def step_backend(device: torch.device) -> str:
+    """TTC_VLLM_STEP: `auto` runs the numba kernel on CPU, where the ~100 small tensor ops
+    of the torch step cost far more in dispatch than in arithmetic (and a compiled graph
+    still pays dynamo's guards each step); GPUs run the eager torch step, whose ops queue
+    asynchronously. `compile` (torch.compile of the torch step) and `eager` force a torch step."""
+    value = os.environ.get(STEP_ENV, "auto").strip().lower()
+    if value == "auto":
+        if device.type != "cpu":
+            return "eager"
+        try:
+            import numba  # noqa: F401  (a vLLM dependency; absent only in unusual installs)
+        except ImportError:
+            return "compile"
+        return "numba"
+    if value not in BACKENDS:
+        raise ValueError(f"{STEP_ENV} must be auto, {', '.join(BACKENDS)}; got {value!r}")
+    if value == "numba" and device.type != "cpu":
+        return "eager"   # the kernel edits CPU memory; a GPU engine keeps the torch step
+    return value
+
+
+def _cpu_kernel_supports(logits: torch.Tensor) -> bool:
+    return logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) \
+        and logits.is_contiguous()
+
+
+def _int64_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.numpy() if t.dtype == torch.long and t.is_contiguous() else t.long().contiguous().numpy()
 
 
 _COMPILED_ADVANCE = None
