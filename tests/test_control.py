@@ -494,3 +494,23 @@ def test_kernel_step_falls_back_for_logits_it_cannot_edit():
     outs = [greedy_run(c, [0], 8, lambda t, i, o: WORD, dtype=torch.bfloat16)[0] for c in pair]
     assert outs[0] == outs[1] and END in outs[0]
     assert pair[0].backend == "numba"
+
+
+@pytest.mark.parametrize("vocab", [40, 5000])
+def test_kernel_vocabulary_passes_match_torch(vocab):
+    """The numba step's vectorized inputs: numpy's sort for small vocabularies, torch's
+    top-k above `SORT_MAX_VOCAB` (a full sort of 150k logits a row would cost more than
+    the rest of the step); both give the descending top-20, log-sum-exp and -H."""
+    from ttc_vllm import control_cpu
+
+    x = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+    x[0, : vocab // 2] = float("-inf")
+    top, lse, neg_ent = control_cpu.vocabulary_passes(x, need_top=True, need_entropy=True)
+    assert top.shape == (6, 20) and top.flags.c_contiguous
+    torch.testing.assert_close(torch.from_numpy(top), x.topk(20, dim=-1).values)
+    torch.testing.assert_close(torch.from_numpy(lse), torch.logsumexp(x, -1))
+    torch.testing.assert_close(torch.from_numpy(neg_ent), H.neg_entropy(x))
+    c = ctrl(1, backend="numba")
+    c.add(0, params(halting=C.HaltingParams(H.SIGNAL_TOKEN, H.AGG_TAIL, 20, 1, 1e6, True, False, 0)))
+    c.step(x[:1].clone(), torch.tensor([0]), torch.tensor([-1]), torch.tensor([0]))
+    assert c.floats[0, C.F_PENDING].item() == pytest.approx(H.token_confidence(x[:1], 20).item(), rel=1e-5)

@@ -317,7 +317,7 @@ class ThinkingController:
 
     def _kernel_step(self, logits: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
                      out_len: torch.Tensor, rows: torch.Tensor | None) -> None:
-        from ttc_vllm.control_cpu import state_views, step_kernel
+        from ttc_vllm.control_cpu import state_views, step_kernel, vocabulary_passes
 
         if self._views is None:
             self._views = state_views(self)
@@ -327,17 +327,14 @@ class ThinkingController:
             rows_np = self._arange
         else:
             rows_np = _int64_numpy(rows)
-        # Passes over the whole vocabulary run vectorized before the kernel: torch's SIMD
-        # exp (log-sum-exp, entropy) and numpy's SIMD sort (the top-k of token confidence).
+        # Passes over the whole vocabulary run vectorized before the kernel.
         x = logits.numpy()
         if self._mode == HALT_OFF:
-            lse = neg_ent = self._no_rows
+            top, lse, neg_ent = x[:, :0], self._no_rows, self._no_rows
         else:
-            lse_t = torch.logsumexp(logits, dim=-1)
-            lse = lse_t.numpy()
-            neg_ent = H.neg_entropy(logits, lse_t).numpy() if self._mode & HALT_ENTROPY else lse
-        x_sorted = np.sort(x, axis=1) if self._mode & HALT_CONFIDENCE else x
-        step_kernel(x, x_sorted, lse, neg_ent, rows_np, _int64_numpy(slots), _int64_numpy(last),
+            top, lse, neg_ent = vocabulary_passes(logits, bool(self._mode & HALT_CONFIDENCE),
+                                                  bool(self._mode & HALT_ENTROPY))
+        step_kernel(x, top, lse, neg_ent, rows_np, _int64_numpy(slots), _int64_numpy(last),
                     _int64_numpy(out_len), self.markers.think_start, self.markers.think_end,
                     *self._views)
 

@@ -51,11 +51,11 @@ def _top_insert(vals, ids, k, x, j):
 
 
 @numba.njit(cache=True, nogil=True)
-def _row_signal(x, x_sorted, lse, neg_entropy, signal, top_k, top_vals, top_ids):
-    """r for one row of logits x, from values computed vectorized outside the kernel (its
-    log-sum-exp, -H, and the row sorted ascending: numpy's SIMD sort beats any scalar
-    top-k here): C (token/group confidence), -H (entropy), or 0 for the sampled margin
-    (scored next step), whose row top-20 log-probs and ids go into top_vals/top_ids."""
+def _row_signal(x, top_desc, lse, neg_entropy, signal, top_k, top_vals, top_ids):
+    """r for one row of logits x, from what `vocabulary_passes` computed vectorized (its
+    log-sum-exp, -H, its largest logits in descending order): C (token/group
+    confidence), -H (entropy), or 0 for the sampled margin (scored next step), whose row
+    top-20 log-probs and ids go into top_vals/top_ids."""
     if signal == S_ENTROPY:
         return neg_entropy
     v = x.shape[0]
@@ -72,8 +72,8 @@ def _row_signal(x, x_sorted, lse, neg_entropy, signal, top_k, top_vals, top_ids)
         return np.float32(0.0)
     total = 0.0
     n = 0
-    for i in range(min(top_k, v)):
-        lp = x_sorted[v - 1 - i] - lse
+    for i in range(min(top_k, top_desc.shape[0])):
+        lp = top_desc[i] - lse
         if math.isfinite(lp):
             total += lp
             n += 1
@@ -81,7 +81,7 @@ def _row_signal(x, x_sorted, lse, neg_entropy, signal, top_k, top_vals, top_ids)
 
 
 @numba.njit(cache=True, nogil=True)
-def step_kernel(logits, logits_sorted, lse, neg_entropy, rows, slots, last, out_len, think_start, think_end,
+def step_kernel(logits, top_desc, lse, neg_entropy, rows, slots, last, out_len, think_start, think_end,
                 ints, floats, seqs, suppress, top_ids, top_logprobs,
                 w_window, w_signal, w_agg, w_n, w_cnt, w_sum, w_min, r_ring, v_ring, v_ok):
     cap_len = seqs.shape[2]
@@ -170,8 +170,7 @@ def step_kernel(logits, logits_sorted, lse, neg_entropy, rows, slots, last, out_
         trig = False
         if h_on:
             top_k = max(1, min(st[HTOPK], MAX_TOP_K))
-            raw = _row_signal(x, logits_sorted[row] if signal != S_ENTROPY and signal != S_SAMPLED
-                              else x, lse[row], neg_entropy[row], signal, top_k, vals, idx)
+            raw = _row_signal(x, top_desc[row], lse[row], neg_entropy[row], signal, top_k, vals, idx)
             floats[s, PENDING] = raw
             if signal == S_SAMPLED:
                 for j in range(k_all):
@@ -235,10 +234,33 @@ def step_kernel(logits, logits_sorted, lse, neg_entropy, rows, slots, last, out_
             x[ftok] = 0.0
 
 
+# numpy's SIMD sort of whole rows beats a top-k selection for small vocabularies only.
+SORT_MAX_VOCAB = 4096
+
+
+def vocabulary_passes(logits, need_top: bool, need_entropy: bool):
+    """(descending top-20 logits [B, <=20], log-sum-exp [B], -H [B]) of CPU logits [B, V],
+    vectorized: torch's SIMD exp, numpy's sort (small V) or torch's top-k (large V).
+    Unneeded parts are empty or aliases."""
+    import torch
+
+    lse_t = torch.logsumexp(logits, dim=-1)
+    lse = lse_t.numpy()
+    neg_ent = H.neg_entropy(logits, lse_t).numpy() if need_entropy else lse
+    x = logits.numpy()
+    k = min(MAX_TOP_K, x.shape[1])
+    if not need_top:
+        top = x[:, :0]
+    elif x.shape[1] <= SORT_MAX_VOCAB:
+        top = np.ascontiguousarray(np.sort(x, axis=1)[:, :-k - 1:-1])
+    else:
+        top = torch.topk(logits, k, dim=-1).values.contiguous().numpy()
+    return top, lse, neg_ent
+
+
 def state_views(ctrl) -> tuple:
     """The controller's state tensors as numpy views (shared memory), kernel order."""
     w = ctrl.windows
     return tuple(t.numpy() for t in (
         ctrl.ints, ctrl.floats, ctrl.seqs, ctrl.suppress, ctrl.top_ids, ctrl.top_logprobs,
         w.window, w.signal, w.agg, w.n, w.v_cnt, w.v_sum, w.v_min, w.r_ring, w.v_ring, w.v_ok))
-
