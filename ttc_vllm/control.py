@@ -1,9 +1,11 @@
 """The batched in-engine controller shared by both vLLM logits-processor interfaces.
 
-Torch only (no vLLM import). Requests live in *slots*; the plugins map their batch rows
-to slots (V1: own row->slot table; V2: the runner's persistent request index). All
-per-slot state sits on the logits' device; `step` advances it by the token each row
-sampled last and edits the logits in place with tensor ops only (no host sync).
+No vLLM import. Requests live in *slots*; the plugins map their batch rows to slots (V1:
+own row->slot table; V2: the runner's persistent request index). All per-slot state sits
+on the logits' device; `step` advances it by the token each row sampled last and edits
+the logits in place with tensor ops only (no host sync). On CPU the same step runs as one
+numba kernel over the same state (ttc_vllm/control_cpu.py; `step_backend`), held to this
+torch step by the tests.
 
 Phases of a slot:
   BEFORE     waiting for `<think>` (also after `</think>`, as ANSWERING: a new `<think>`
