@@ -24,8 +24,8 @@ import itertools
 from typing import Any, Sequence
 
 from ttc_vllm.engine_offline import (
-    DEFAULT_CONFIDENCE_TOP_K, Delimiter, delimiter_for, resolve_delimiter, split_steps,
-    step_sampling_kwargs, token_confidences,
+    DEFAULT_CONFIDENCE_TOP_K, Delimiter, delimiter_for, output_step, output_steps, request_usage,
+    resolve_delimiter, step_sampling_kwargs,
 )
 from ttc_vllm.search.protocols import Completion, Step, StepParams
 
@@ -91,16 +91,10 @@ class EngineClientStepGenerator:
             if out is None:
                 result.append([_exhausted_step() for _ in range(n)])
                 continue
-            samples = []
-            for j, o in enumerate(out.outputs):
-                ids = list(o.token_ids)
-                conf = _mean(token_confidences(o.logprobs, self.confidence_top_k)) \
-                    if params.confidence else None
-                usage = _usage(prefix, out) if j == 0 else (0, 0)
-                samples.append(Step(tuple(ids), self._decode(ids), _trace_ended(o, room, params),
-                                    prompt_tokens=usage[0], cached_prompt_tokens=usage[1],
-                                    mean_confidence=conf))
-            result.append(samples)
+            top_k = self.confidence_top_k if params.confidence else None
+            result.append([output_step(o, self._decode, _trace_ended(o, room, params),
+                                       request_usage(prefix, out) if j == 0 else (0, 0), top_k)
+                           for j, o in enumerate(out.outputs)])
         return result
 
     async def complete(self, prefixes: Sequence[Sequence[int]], n: int,
@@ -112,24 +106,10 @@ class EngineClientStepGenerator:
             if out is None:
                 result.append([(_exhausted_step(),) for _ in range(n)])
                 continue
-            samples = []
-            for j, o in enumerate(out.outputs):
-                ids = list(o.token_ids)
-                pieces = split_steps(ids, delimiter, self._decode)
-                confs = token_confidences(o.logprobs, self.confidence_top_k) \
-                    if params.confidence else []
-                ended = _trace_ended(o, room, params)
-                steps, start = [], 0
-                for k, piece in enumerate(pieces):
-                    usage = _usage(prefix, out) if (j == 0 and k == 0) else (0, 0)
-                    conf = _mean(confs[start:start + len(piece)]) if params.confidence else None
-                    last = k == len(pieces) - 1
-                    steps.append(Step(tuple(piece), self._decode(piece), ended and last,
-                                      prompt_tokens=usage[0], cached_prompt_tokens=usage[1],
-                                      mean_confidence=conf))
-                    start += len(piece)
-                samples.append(tuple(steps))
-            result.append(samples)
+            top_k = self.confidence_top_k if params.confidence else None
+            result.append([output_steps(o, delimiter, self._decode, _trace_ended(o, room, params),
+                                        request_usage(prefix, out) if j == 0 else (0, 0), top_k)
+                           for j, o in enumerate(out.outputs)])
         return result
 
     async def abort_all(self) -> None:
@@ -214,10 +194,6 @@ class EngineClientStepGenerator:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def _usage(prefix: Sequence[int], out) -> tuple[int, int]:
-    return len(prefix), int(getattr(out, "num_cached_tokens", 0) or 0)
-
-
 def _trace_ended(o, room: int, params: StepParams) -> bool:
     """EOS (a stop without a stop reason: delimiter stops carry the id or string), or a
     length cut at the trace's limit rather than at the per-call max_tokens."""
@@ -229,7 +205,3 @@ def _trace_ended(o, room: int, params: StepParams) -> bool:
 def _exhausted_step() -> Step:
     """What a prefix with no room left yields: an empty, finished step."""
     return Step((), "", True)
-
-
-def _mean(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None

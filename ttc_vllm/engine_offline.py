@@ -121,6 +121,38 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def request_usage(prefix: Sequence[int], out) -> tuple[int, int]:
+    """(prompt tokens, prompt tokens served from the prefix cache) of one engine request."""
+    return len(prefix), int(getattr(out, "num_cached_tokens", 0) or 0)
+
+
+def output_step(o, decode: Callable[[Sequence[int]], str], ended: bool, usage: tuple[int, int],
+                confidence_top_k: int | None) -> Step:
+    """One vLLM CompletionOutput as one step (`generate_steps`); its mean token confidence
+    when `confidence_top_k` is set (the request asked for log-probs)."""
+    ids = list(o.token_ids)
+    conf = _mean(token_confidences(o.logprobs, confidence_top_k)) if confidence_top_k else None
+    return Step(tuple(ids), decode(ids), ended, prompt_tokens=usage[0],
+                cached_prompt_tokens=usage[1], mean_confidence=conf)
+
+
+def output_steps(o, delimiter: Delimiter, decode: Callable[[Sequence[int]], str], ended: bool,
+                 usage: tuple[int, int], confidence_top_k: int | None) -> tuple[Step, ...]:
+    """One vLLM CompletionOutput split at the delimiter into steps (`complete`): the last
+    step carries `ended`, the first the request's prompt usage."""
+    ids = list(o.token_ids)
+    pieces = split_steps(ids, delimiter, decode)
+    confs = token_confidences(o.logprobs, confidence_top_k) if confidence_top_k else []
+    steps, start = [], 0
+    for k, piece in enumerate(pieces):
+        u = usage if k == 0 else (0, 0)
+        conf = _mean(confs[start:start + len(piece)]) if confidence_top_k else None
+        steps.append(Step(tuple(piece), decode(piece), ended and k == len(pieces) - 1,
+                          prompt_tokens=u[0], cached_prompt_tokens=u[1], mean_confidence=conf))
+        start += len(piece)
+    return tuple(steps)
+
+
 def request_seed(seed: int, prefix: Sequence[int]) -> int:
     """A per-request seed from the generator seed and the prefix, so a prefix's samples do
     not depend on how calls were batched."""
@@ -172,15 +204,10 @@ class OfflineStepGenerator:
         outputs = self._generate(prefixes, n, params, delimiter, stop_at_delimiter=True)
         result = []
         for prefix, out in zip(prefixes, outputs):
-            samples = []
-            for j, o in enumerate(out.outputs):
-                ids = list(o.token_ids)
-                conf = _mean(token_confidences(o.logprobs, self.confidence_top_k)) \
-                    if params.confidence else None
-                usage = self._usage(prefix, out) if j == 0 else (0, 0)
-                samples.append(Step(tuple(ids), self._decode(ids), _ended_by_eos(o),
-                                    prompt_tokens=usage[0], cached_prompt_tokens=usage[1],
-                                    mean_confidence=conf))
+            top_k = self.confidence_top_k if params.confidence else None
+            samples = [output_step(o, self._decode, _ended_by_eos(o),
+                                   request_usage(prefix, out) if j == 0 else (0, 0), top_k)
+                       for j, o in enumerate(out.outputs)]
             result.append(samples)
         return result
 
@@ -190,24 +217,10 @@ class OfflineStepGenerator:
         outputs = self._generate(prefixes, n, params, delimiter, stop_at_delimiter=False)
         result = []
         for prefix, out in zip(prefixes, outputs):
-            samples = []
-            for j, o in enumerate(out.outputs):
-                ids = list(o.token_ids)
-                pieces = split_steps(ids, delimiter, self._decode)
-                confs = token_confidences(o.logprobs, self.confidence_top_k) \
-                    if params.confidence else []
-                finished = _ended_by_eos(o)
-                steps, start = [], 0
-                for k, piece in enumerate(pieces):
-                    usage = self._usage(prefix, out) if (j == 0 and k == 0) else (0, 0)
-                    conf = _mean(confs[start:start + len(piece)]) if params.confidence else None
-                    last = k == len(pieces) - 1
-                    steps.append(Step(tuple(piece), self._decode(piece), finished and last,
-                                      prompt_tokens=usage[0], cached_prompt_tokens=usage[1],
-                                      mean_confidence=conf))
-                    start += len(piece)
-                samples.append(tuple(steps))
-            result.append(samples)
+            top_k = self.confidence_top_k if params.confidence else None
+            result.append([output_steps(o, delimiter, self._decode, _ended_by_eos(o),
+                                        request_usage(prefix, out) if j == 0 else (0, 0), top_k)
+                           for j, o in enumerate(out.outputs)])
         return result
 
     # -- helpers ----------------------------------------------------------------------------
@@ -236,11 +249,6 @@ class OfflineStepGenerator:
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    @staticmethod
-    def _usage(prefix: Sequence[int], out) -> tuple[int, int]:
-        return len(prefix), int(getattr(out, "num_cached_tokens", 0) or 0)
-
 
 def _ended_by_eos(o) -> bool:
     """Finished = stopped by EOS: a stop without a stop reason (a delimiter stop carries the
