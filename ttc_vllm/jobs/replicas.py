@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from ttc_vllm.ray_actors import import_ray, wait_ready
 from ttc_vllm.search.protocols import Completion, Step, StepParams
 
 DEFAULT_MAX_PREFIXES = 512  # prefixes per merged engine call
@@ -232,11 +233,7 @@ class ReplicaClient:
 
 
 def _import_ray():
-    try:
-        import ray
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ReplicaUnavailableError("batch evaluation needs Ray: pip install 'ttc-vllm[ray]'") from e
-    return ray
+    return import_ray("batch evaluation", ReplicaUnavailableError)
 
 
 def resolve_address(address: str | None, environ: dict[str, str] | None = None) -> str:
@@ -343,19 +340,6 @@ def start_replicas(count: int, policy_factory: Callable[[], TokenizingPolicy], *
     handles = [actor.options(**(actor_options or {})).remote(policy_factory, max_prefixes)
                for _ in range(count)]
     replicas = Replicas(handles, [ReplicaClient(h, f"replica-{i}") for i, h in enumerate(handles)])
-    try:
-        ray.get([h.ready.remote() for h in handles], timeout=ready_timeout_s)
-    except Exception as e:
-        replicas.close()
-        if isinstance(e, ray.exceptions.GetTimeoutError):
-            raise ReplicaUnavailableError(
-                f"policy replicas not ready after {ready_timeout_s:g}s (not enough resources "
-                f"for {count} replica(s) with {actor_options or {}}?)") from e
-        raise ReplicaUnavailableError(f"policy replicas failed to start: {_first_line(e)}") from e
+    wait_ready(ray, handles, ready_timeout_s, "policy replicas", ReplicaUnavailableError,
+               replicas.close, hint=f" with {actor_options or {}}")
     return replicas
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    # Ray wraps actor-constructor errors; the innermost line names the cause.
-    return lines[-1].strip() if lines else type(e).__name__

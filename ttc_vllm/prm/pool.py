@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from ttc_vllm.ray_actors import import_ray, wait_ready
 from ttc_vllm.search.protocols import Trace
 
 ALIVE, PROBING, DEAD = "alive", "probing", "dead"
@@ -76,11 +77,7 @@ class _Request:
 
 
 def _import_ray():
-    try:
-        import ray
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the PRM pool needs Ray: pip install 'ttc-vllm[ray]'") from e
-    return ray
+    return import_ray("the PRM pool")
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:
@@ -150,16 +147,8 @@ class PRMPool:
 
     # -- lifecycle ----------------------------------------------------------------------
     def _wait_ready(self) -> None:
-        ray = self._ray
-        try:
-            ray.get([a.ready.remote() for a in self.actors], timeout=self.ready_timeout_s)
-        except Exception as e:
-            self.close()
-            if isinstance(e, ray.exceptions.GetTimeoutError):
-                raise PRMUnavailableError(
-                    f"PRM actors not ready after {self.ready_timeout_s}s (not enough resources "
-                    f"for {len(self.actors)} actors?)") from e
-            raise PRMUnavailableError(f"PRM actors failed to start: {e}") from e
+        wait_ready(self._ray, self.actors, self.ready_timeout_s, "PRM actors", PRMUnavailableError,
+                   self.close)
 
     def check(self, timeout_s: float = 10.0) -> int:
         """Ping every actor not known dead (blocking; for startup and health checks):
