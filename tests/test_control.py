@@ -514,3 +514,17 @@ def test_kernel_vocabulary_passes_match_torch(vocab):
     c.add(0, params(halting=C.HaltingParams(H.SIGNAL_TOKEN, H.AGG_TAIL, 20, 1, 1e6, True, False, 0)))
     c.step(x[:1].clone(), torch.tensor([0]), torch.tensor([-1]), torch.tensor([0]))
     assert c.floats[0, C.F_PENDING].item() == pytest.approx(H.token_confidence(x[:1], 20).item(), rel=1e-5)
+
+
+def test_numba_kernel_is_built_at_construction(monkeypatch, caplog):
+    """The kernel is compiled (or loaded from cache) when the engine builds its processor,
+    not at the first controlled request; a build failure leaves the eager step."""
+    from ttc_vllm import control_cpu
+
+    ctrl(backend="numba")
+    assert control_cpu.step_kernel.signatures   # compiled for float32 logits
+    monkeypatch.setattr(control_cpu, "warm_up", lambda c: (_ for _ in ()).throw(RuntimeError("no LLVM")))
+    c = ctrl(backend="numba")
+    assert c.backend == "eager" and "building the numba controller step failed" in caplog.text
+    c.add(0, params(think_cap=7))
+    assert greedy_run(c, [0], 9, lambda t, i, o: WORD)[0][:9] == [WORD] * 4 + list(CONC) + [END] + [WORD]

@@ -186,6 +186,17 @@ class ThinkingController:
         self._active: set[int] = set()
         self._halting: dict[int, int] = {}     # slot -> signal code
         self._mode = HALT_OFF                  # halting work a step needs, from `_halting`
+        if self.backend == "numba":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        from ttc_vllm.control_cpu import warm_up
+
+        try:
+            warm_up(self)
+        except Exception:
+            logger.exception("ttc-vllm: building the numba controller step failed; running it eagerly")
+            self.backend = "eager"
 
     # ---- admission / removal (host, once per request) ---------------------------------
 

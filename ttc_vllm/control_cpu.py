@@ -264,3 +264,12 @@ def state_views(ctrl) -> tuple:
     return tuple(t.numpy() for t in (
         ctrl.ints, ctrl.floats, ctrl.seqs, ctrl.suppress, ctrl.top_ids, ctrl.top_logprobs,
         w.window, w.signal, w.agg, w.n, w.v_cnt, w.v_sum, w.v_min, w.r_ring, w.v_ring, w.v_ok))
+
+
+def warm_up(ctrl) -> None:
+    """Compile (or load from numba's cache) the kernel for float32 logits now, at engine
+    start, instead of at the first controlled request: one call on zero rows."""
+    x = np.zeros((1, 2), np.float32)
+    none = np.zeros(0, np.int64)
+    step_kernel(x, x[:, :0], np.zeros(0, np.float32), np.zeros(0, np.float32), none, none, none,
+                none, 0, 0, *state_views(ctrl))
