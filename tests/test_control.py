@@ -528,3 +528,14 @@ def test_numba_kernel_is_built_at_construction(monkeypatch, caplog):
     assert c.backend == "eager" and "building the numba controller step failed" in caplog.text
     c.add(0, params(think_cap=7))
     assert greedy_run(c, [0], 9, lambda t, i, o: WORD)[0][:9] == [WORD] * 4 + list(CONC) + [END] + [WORD]
+
+
+@pytest.mark.parametrize("backend", C.BACKENDS)
+def test_stop_ids_outside_the_vocabulary_are_ignored(backend):
+    """A suppressed id beyond the logits (vLLM rejects such stop_token_ids at admission;
+    this is the second line) neither crashes the step nor writes outside the row: the
+    numba kernel does not bounds-check by itself."""
+    c = ctrl(backend=backend)
+    c.add(0, params(min_think=4, max_extensions=0, suppress_ids=(EOS, V + 1000, 10**9)))
+    out = greedy_run(c, [0], 6, lambda t, i, o: END)[0]
+    assert END not in out[:4] and out[4] == END     # </think> blocked below min_think only

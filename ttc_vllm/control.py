@@ -433,6 +433,8 @@ class ThinkingController:
         h_stop = st[:, C_HSTOP] > 0
         below = free & (count1 < min_think)
         sup = self.suppress[s]
+        # a stop id outside the logits (vLLM rejects those at admission) cannot index them
+        sup = torch.where((sup >= 0) & (sup < sub.shape[-1]), sup, think_end)
         tries = (sup == sub.argmax(-1)[:, None]).any(-1)
         attempt = below & tries & ~budget_hit & ~trig & (st[:, C_EXT] < st[:, C_MAXEXT])
         start = budget_hit | trig | attempt

@@ -224,14 +224,18 @@ def step_kernel(logits, top_desc, lse, neg_entropy, rows, slots, last, out_len, 
         st[REASON], st[HSTEP] = reason, hstep
 
         # 4. Edit the logits: block stop tokens below min_think, then force sequences.
+        # ids outside the logits are skipped (vLLM rejects such stop ids; never write past a row)
         if ph2 == THINKING and count1 < min_think:
             for j in range(suppress.shape[1]):
-                x[suppress[s, j]] = NEG_INF
+                sid = suppress[s, j]
+                if 0 <= sid < vocab:
+                    x[sid] = NEG_INF
         if ph2 == FORCING:
             ftok = seqs[s, kind2, min(fpos2, cap_len - 1)]
-            for j in range(vocab):
-                x[j] = NEG_INF
-            x[ftok] = 0.0
+            if 0 <= ftok < vocab:
+                for j in range(vocab):
+                    x[j] = NEG_INF
+                x[ftok] = 0.0
 
 
 # numpy's SIMD sort of whole rows beats a top-k selection for small vocabularies only.
