@@ -130,3 +130,13 @@ def test_validation_auc_scores_against_the_training_targets():
     # soft targets > 0.5: only step 0 of trace b is positive
     assert validation_auc([[0.1, 0.8], [0.9, 0.2]], data, "soft") == 1.0
     assert validation_auc([[0.9, 0.8], [0.1, 0.2]], data, "soft") == 0.0
+
+
+@pytest.mark.parametrize("floor", ["0", "1.5", "-0.2"])
+def test_surprise_floor_out_of_range_is_refused(floor, tmp_path, capsys):
+    from ttc_vllm.testbed.train_prm import main
+
+    with pytest.raises(SystemExit):
+        main(["--labels", str(tmp_path / "x.jsonl"), "--policy", str(tmp_path), "--out",
+              str(tmp_path / "o"), "--surprise-floor", floor])
+    assert "--surprise-floor must be in (0, 1]" in capsys.readouterr().err

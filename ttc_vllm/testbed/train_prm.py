@@ -333,7 +333,8 @@ def completion_mask(lengths: Sequence[int], prompt_lengths: Sequence[int], width
 
 def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minutes: float,
           batch: int, lr: float, seed: int, threads: int, holdout: float, verify: bool,
-          extra_layers: int = 2, aux_weight: float = 0.5, label: str = "hard") -> dict[str, Any]:
+          extra_layers: int = 2, aux_weight: float = 0.5, label: str = "hard",
+          surprise_floor: float = 0.2) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
@@ -385,7 +386,7 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
                 logits, base_hidden = model(ids, mask, return_base=True)
                 comp = completion_mask([len(x.token_ids) for x, _, _ in chunk],
                                        [n for _, _, n in chunk], ids.shape[1])
-                dense = surprise_targets(teacher(base_hidden), ids, tag_id, comp)
+                dense = surprise_targets(teacher(base_hidden), ids, tag_id, comp, surprise_floor)
                 loss = (soft_step_loss(logits[rows, cols], targets)
                         + aux_weight * soft_step_loss(logits[comp], dense[comp]))
             else:
@@ -420,6 +421,7 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
         "labels": [str(p) for p in labels], "policy": str(policy_dir), "seed": seed,
         "epochs_run": len(curve), "steps": step, "batch": batch, "lr": lr,
         "extra_layers": extra_layers, "aux_weight": aux_weight if use_aux else 0.0, "label": label,
+        "surprise_floor": surprise_floor,
         "seconds": round(train_s, 1), "params": sum(p.numel() for p in model.parameters()),
         "train_traces": len(train_idx), "val_traces": len(val_idx), "test_traces": len(test_idx),
         "kept_epoch": best[1], "kept_val_auc_targets": round(best[0], 4),
@@ -458,14 +460,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="new transformer layers on top of the (frozen) policy layers")
     ap.add_argument("--aux-weight", type=float, default=0.5,
                     help="weight of the dense policy-surprise targets (needs --extra-layers > 0)")
+    ap.add_argument("--surprise-floor", type=float, default=0.2,
+                    help="surprise targets are min(1, r / floor): r at or above the floor counts as on track")
     ap.add_argument("--label", choices=["hard", "soft"], default="hard",
                     help="targets from MC values: hard = any rollout right (HE), soft = the value (SE)")
     ap.add_argument("--no-verify", action="store_true", help="skip the vLLM load/score check")
     a = ap.parse_args(argv)
     if a.extra_layers < 0 or a.aux_weight < 0:
         ap.error("--extra-layers and --aux-weight must be >= 0")
+    if not 0 < a.surprise_floor <= 1:
+        ap.error("--surprise-floor must be in (0, 1]")
     rec = train(a.labels, a.policy, a.out, a.epochs, a.minutes, a.batch, a.lr, a.seed,
-                a.threads, a.holdout, not a.no_verify, a.extra_layers, a.aux_weight, a.label)
+                a.threads, a.holdout, not a.no_verify, a.extra_layers, a.aux_weight, a.label,
+                a.surprise_floor)
     print(json.dumps({k: v for k, v in rec.items() if k != "curve"}))
     return rec
 

@@ -1,0 +1,149 @@
+"""Step-level process signals on held-out testbed traces, against the exact ground truth.
+
+    python benchmarks/prm_signals.py [--labels runs/prm/labels_mc4.jsonl ...] [--holdout 0.15] [--seed 0]
+
+Label files come from `ttc-vllm job prm-data` (default: the three the shipped PRM was trained
+on, as its training.json lists them). Only the trainer's held-out problems count
+(`train_prm.held_out(problem, holdout, seed)` with the shipped PRM's split), so the PRM never
+saw them. Each signal scores every step end; the AUC is against `exact_prefix_correct`
+(every step so far is right), over all steps and over non-final steps:
+  shipped PRM       the testbed PRM through vLLM's pooling runner (the serving path)
+  policy surprise   running minimum over the trace so far of log p(token) - log max p under
+                    the policy: the sampled-margin signal of the in-engine halting, here from
+                    vLLM's prompt log-probs of the finished trace
+  MC labels         what the PRM is trained on: HE (any rollout right) and the MC value
+                    (rollouts from that step, so not a scorer; the ceiling of its targets)
+Prints a table, writes benchmarks/results/prm_signals.json and .png (ROC curves).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import controls_common as cc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def policy_surprise(llm, traces) -> list[list[float]]:
+    """Per step: min over the completion so far of log p(token) - log max_v p(v)."""
+    from vllm import SamplingParams
+
+    prompts = [{"prompt_token_ids": list(t.prompt_ids) + [x for s in t.steps for x in s.token_ids]}
+               for t in traces]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    scores = []
+    for t, out in zip(traces, outs):
+        ids = out.prompt_token_ids
+        pos, running, per_step = len(t.prompt_ids), 0.0, []
+        for step in t.steps:
+            for k in range(pos, pos + len(step.token_ids)):
+                entry = out.prompt_logprobs[k]
+                top = max(v.logprob for v in entry.values())
+                running = min(running, entry[ids[k]].logprob - top)
+            pos += len(step.token_ids)
+            per_step.append(running)
+        scores.append(per_step)
+    return scores
+
+
+def roc_points(scores, labels, points: int = 200):
+    pairs = sorted(zip(scores, labels), key=lambda p: -p[0])
+    pos = sum(labels) or 1
+    neg = (len(labels) - sum(labels)) or 1
+    tp = fp = 0
+    curve = [(0.0, 0.0)]
+    for i, (_, y) in enumerate(pairs):
+        tp += y
+        fp += not y
+        if i % max(1, len(pairs) // points) == 0 or i == len(pairs) - 1:
+            curve.append((fp / neg, tp / pos))
+    return curve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", type=Path, nargs="+", default=None)
+    ap.add_argument("--holdout", type=float, default=0.15)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+
+    from ttc_vllm.engine import make_llm
+    from ttc_vllm.prm.label import read_jsonl
+    from ttc_vllm.prm.scorers import PRMConfig, VLLMPoolingPRM
+    from ttc_vllm.testbed import prm_path
+    from ttc_vllm.testbed.train_prm import held_out, roc_auc, traces_from_rows
+
+    shipped = json.loads((Path(prm_path()) / "training.json").read_text())
+    labels = a.labels or [ROOT / p for p in shipped["labels"]]
+    missing = [str(p) for p in labels if not Path(p).exists()]
+    if missing:
+        raise SystemExit(f"label files not found: {missing} (make them with `ttc-vllm job prm-data`, "
+                         f"see {Path(prm_path()) / 'training.json'} for the commands' outputs)")
+    data = [d for p in labels for d in traces_from_rows(read_jsonl(p))
+            if held_out(d.problem_key, a.holdout, a.seed)]
+    traces = [d.trace for d in data]
+    print(f"{len(data)} held-out traces, {sum(len(d.exact) for d in data)} steps", flush=True)
+
+    t0 = time.time()
+    prm = VLLMPoolingPRM(PRMConfig.testbed(engine_kwargs={"kv_cache_memory_bytes": 256 << 20,
+                                                          "max_model_len": 512}))
+    signals = {"shipped PRM": prm.score_sync(traces)}
+    prm.llm.llm_engine.engine_core.shutdown()
+    llm = make_llm(None, enable_prefix_caching=False)
+    signals["policy surprise"] = policy_surprise(llm, traces)
+    cc.shutdown(llm)
+    signals["MC labels: HE (any rollout right)"] = [[float(m > 0) for m in d.mc_values] for d in data]
+    signals["MC labels: MC value"] = [list(d.mc_values) for d in data]
+    seconds = time.time() - t0
+
+    rows, curves = [], {}
+    for name, per_trace in signals.items():
+        flat, exact, nf_s, nf_e = [], [], [], []
+        for s, d in zip(per_trace, data):
+            for k, (v, e) in enumerate(zip(s, d.exact)):
+                if e is None:
+                    continue
+                flat.append(v)
+                exact.append(bool(e))
+                if k < len(s) - 1:
+                    nf_s.append(v)
+                    nf_e.append(bool(e))
+        rows.append(dict(signal=name, steps=len(flat), auc_exact=round(roc_auc(flat, exact), 4),
+                         auc_exact_nonfinal=round(roc_auc(nf_s, nf_e), 4)))
+        curves[name] = roc_points(flat, exact)
+    print(cc.table(["signal", "steps", "AUC vs exact", "non-final steps"],
+                   [[r["signal"], r["steps"], f"{r['auc_exact']:.3f}", f"{r['auc_exact_nonfinal']:.3f}"]
+                    for r in rows]))
+    print("target (issue #4): the PRM's step AUC >= 0.85")
+    path = cc.write_result("prm_signals", {
+        "labels": [str(Path(p).relative_to(ROOT)) if Path(p).is_absolute() else str(p) for p in labels],
+        "holdout": a.holdout, "seed": a.seed, "traces": len(data), "rows": rows,
+        "shipped_prm_test_auc_in_training_json": shipped.get("test", {}).get("auc_exact"),
+        "seconds": round(seconds, 1),
+    })
+    plot(rows, curves, cc.RESULTS / "prm_signals.png")
+    print(f"wrote {path} and {cc.RESULTS / 'prm_signals.png'}")
+
+
+def plot(rows, curves, path) -> None:
+    plt = cc.pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for i, r in enumerate(rows):
+        xs, ys = zip(*curves[r["signal"]])
+        ax.plot(xs, ys, color=f"C{i}", label=f"{r['signal']} (AUC {r['auc_exact']:.3f})")
+    ax.plot([0, 1], [0, 1], ls=":", color="gray", lw=0.8)
+    ax.set_xlabel("false positive rate (wrong prefixes scored good)")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("held-out testbed steps vs exact ground truth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
