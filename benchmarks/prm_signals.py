@@ -8,9 +8,9 @@ on, as its training.json lists them). Only the trainer's held-out problems count
 saw them. Each signal scores every step end; the AUC is against `exact_prefix_correct`
 (every step so far is right), over all steps and over non-final steps:
   shipped PRM       the testbed PRM through vLLM's pooling runner (the serving path)
-  policy surprise   running minimum over the trace so far of log p(token) - log max p under
-                    the policy: the sampled-margin signal of the in-engine halting, here from
-                    vLLM's prompt log-probs of the finished trace
+  policy surprise   the `policy_surprise` scorer: exp of the running minimum over the trace
+                    so far of log p(token) - log max p under the policy (the sampled-margin
+                    signal of the in-engine halting), from vLLM's prompt log-probs
   MC labels         what the PRM is trained on: HE (any rollout right) and the MC value
                     (rollouts from that step, so not a scorer; the ceiling of its targets)
 Prints a table, writes benchmarks/results/prm_signals.json and .png (ROC curves).
@@ -25,28 +25,6 @@ from pathlib import Path
 import controls_common as cc
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def policy_surprise(llm, traces) -> list[list[float]]:
-    """Per step: min over the completion so far of log p(token) - log max_v p(v)."""
-    from vllm import SamplingParams
-
-    prompts = [{"prompt_token_ids": list(t.prompt_ids) + [x for s in t.steps for x in s.token_ids]}
-               for t in traces]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
-    scores = []
-    for t, out in zip(traces, outs):
-        ids = out.prompt_token_ids
-        pos, running, per_step = len(t.prompt_ids), 0.0, []
-        for step in t.steps:
-            for k in range(pos, pos + len(step.token_ids)):
-                entry = out.prompt_logprobs[k]
-                top = max(v.logprob for v in entry.values())
-                running = min(running, entry[ids[k]].logprob - top)
-            pos += len(step.token_ids)
-            per_step.append(running)
-        scores.append(per_step)
-    return scores
 
 
 def roc_points(scores, labels, points: int = 200):
@@ -70,10 +48,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
-    from ttc_vllm.engine import make_llm
     from ttc_vllm.prm.label import read_jsonl
-    from ttc_vllm.prm.scorers import PRMConfig, VLLMPoolingPRM
-    from ttc_vllm.testbed import prm_path
+    from ttc_vllm.prm.scorers import PolicySurpriseScorer, PRMConfig, VLLMPoolingPRM
+    from ttc_vllm.testbed import policy_path, prm_path
     from ttc_vllm.testbed.train_prm import held_out, roc_auc, traces_from_rows
 
     shipped = json.loads((Path(prm_path()) / "training.json").read_text())
@@ -92,9 +69,9 @@ def main() -> None:
                                                           "max_model_len": 512}))
     signals = {"shipped PRM": prm.score_sync(traces)}
     prm.llm.llm_engine.engine_core.shutdown()
-    llm = make_llm(None, enable_prefix_caching=False)
-    signals["policy surprise"] = policy_surprise(llm, traces)
-    cc.shutdown(llm)
+    surprise = PolicySurpriseScorer(PRMConfig(kind="policy_surprise", model=str(policy_path())))
+    signals["policy surprise"] = surprise.score_sync(traces)
+    cc.shutdown(surprise.llm)
     signals["MC labels: HE (any rollout right)"] = [[float(m > 0) for m in d.mc_values] for d in data]
     signals["MC labels: MC value"] = [list(d.mc_values) for d in data]
     seconds = time.time() - t0

@@ -2,6 +2,7 @@
 score per step; real-engine checks that vLLM's scores equal a torch forward."""
 import asyncio
 import gc
+import itertools
 import math
 import os
 from pathlib import Path
@@ -12,9 +13,9 @@ import torch
 from pydantic import ValidationError
 
 from ttc_vllm.prm.scorers import (
-    PRMConfig, PRMInput, TokenLabelPRM, VLLMPoolingPRM, chat_input, clean_step_text,
-    extract_question, make_scorer, pooling_llm_kwargs, step_scores, token_id_of,
-    token_ids_input,
+    PolicySurpriseScorer, PRMConfig, PRMInput, TokenLabelPRM, VLLMPoolingPRM, chat_input,
+    clean_step_text, extract_question, make_scorer, pooling_llm_kwargs, step_scores,
+    surprise_scores, token_id_of, token_ids_input,
 )
 from ttc_vllm.search.fakes import load_testbed_tokenizer
 from ttc_vllm.search.protocols import Step, StepScorer, Trace
@@ -169,6 +170,27 @@ def test_kind_mismatch_is_rejected():
         TokenLabelPRM(PRMConfig.testbed(model="unused"), llm=FakePoolingLLM())
 
 
+def test_surprise_scores_hand_computed():
+    """exp(running min of log p(token) - log max p) at each step end; prompt tokens do
+    not count."""
+    trace = Trace((1, 2), (Step((5, 6), "a", False), Step((7,), "b", True)))
+    lp = [None, {2: -9.0, 3: -0.1},                        # prompt: ignored
+          {5: -0.2},                                       # 5 is the top token: 0
+          {6: -3.0, 4: -0.5},                              # 6 is 2.5 below the top
+          {7: -1.0, 8: -0.9}]                              # 0.1 below: the min stays -2.5
+    assert surprise_scores(trace, lp) == [pytest.approx(math.exp(-2.5))] * 2
+    assert surprise_scores(Trace((1,), (Step((5,), "a", True),)), [None, {5: -0.3}]) == [1.0]
+
+
+def test_policy_surprise_kind_and_dispatch():
+    cfg = PRMConfig(kind="policy_surprise", model="policy")
+    scorer = make_scorer(cfg, llm=object())
+    assert isinstance(scorer, PolicySurpriseScorer) and isinstance(scorer, StepScorer)
+    with pytest.raises(ValueError, match="kind 'policy_surprise'"):
+        PolicySurpriseScorer(PRMConfig.testbed(model="unused"), llm=object())
+    assert scorer.score_sync([Trace(PROMPT)]) == [[]]   # nothing to send
+
+
 # -- real engine -------------------------------------------------------------------------
 
 ENGINE = {"kv_cache_memory_bytes": 128 << 20, "max_model_len": 512}
@@ -238,3 +260,27 @@ def test_token_label_prm_equals_two_token_softmax_of_the_lm(policy_dir):
             logits = lm(torch.tensor([x.token_ids])).logits[0]
         want = [torch.softmax(logits[p, [bad, good]], -1)[1].item() for p in x.step_positions]
         assert g == pytest.approx(want, abs=2e-3)
+
+
+@pytest.mark.engine
+def test_policy_surprise_matches_torch_and_marks_a_slip(llm, policy_dir):
+    """Through the session's policy engine (prefix caching on): scores equal the torch
+    forward's (to the engine's bfloat16), and a step with a digit the policy did not expect (3+4=8) scores below the
+    right one, and so does every step after it."""
+    from transformers import AutoModelForCausalLM
+
+    scorer = PolicySurpriseScorer(PRMConfig(kind="policy_surprise", model=str(policy_dir)), llm=llm)
+    got = scorer.score_sync(ENGINE_TRACES + [Trace(PROMPT)])
+    assert got[-1] == [] and [len(g) for g in got[:-1]] == [len(t.steps) for t in ENGINE_TRACES]
+    lm = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval()
+    for trace, g in zip(ENGINE_TRACES, got):
+        ids = list(trace.prompt_ids) + [x for st in trace.steps for x in st.token_ids]
+        with torch.no_grad():
+            lp = torch.log_softmax(lm(torch.tensor([ids])).logits[0], -1)
+        margin = [(lp[k - 1, ids[k]] - lp[k - 1].max()).item() for k in range(len(trace.prompt_ids), len(ids))]
+        ends = list(itertools.accumulate(len(st.token_ids) for st in trace.steps))
+        want = [math.exp(min(0.0, *margin[:e])) for e in ends]
+        # the engine runs the policy in bfloat16: log-probs agree to a few hundredths
+        assert [math.log(x) for x in g] == pytest.approx([math.log(x) for x in want], rel=0.05, abs=0.05)
+    right, wrong = got[0], got[1]
+    assert wrong[0] < right[0] and max(wrong) <= wrong[0]

@@ -22,6 +22,12 @@ Inputs (`PRMConfig.input_format`):
 
 Either way exactly one score per step. vLLM's pooled rows are matched to step ends by tag
 position, so a tag inside the prompt cannot shift scores. vLLM is imported lazily.
+
+A third kind needs no reward model: `PolicySurpriseScorer` ("policy_surprise") scores a
+step by the policy's own surprise so far, exp(min over the trace's tokens up to the step's
+end of log p(token) - log max p), from vLLM's prompt log-probs of the trace under the
+policy (`model` = the policy). A slip is usually a token the policy itself found unlikely;
+on the testbed this ranks steps better than the trained PRM (benchmarks/prm_signals.py).
 """
 from __future__ import annotations
 
@@ -44,8 +50,8 @@ QWEN_CHAT_USER_PATTERN = r"<\|im_start\|>user\n(.*?)<\|im_end\|>"
 class PRMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["pooling", "token_label"]
-    model: str = Field(min_length=1)  # path or hub id
+    kind: Literal["pooling", "token_label", "policy_surprise"]
+    model: str = Field(min_length=1)  # path or hub id (policy_surprise: the policy)
     step_tag: str = Field(STEP_TAG, min_length=1)  # a single token of the PRM's vocabulary
     good_label: int = Field(1, ge=0)  # pooling: column of the "good" class
     # token_label: the good/bad tokens, as vocabulary entries ("+") or token ids
@@ -322,7 +328,65 @@ class TokenLabelPRM(_PoolingScorer):
         super().__init__(config, llm)
 
 
+class PolicySurpriseScorer:
+    """The policy's own surprise as a StepScorer: a step scores exp(min over the completion
+    up to its end of log p(token) - log max_v p(v)), in (0, 1], 1 while every token so far
+    was the policy's top choice. One generation request per trace (max_tokens=1,
+    prompt_logprobs=1: vLLM returns each token's log-prob and the top one)."""
+
+    def __init__(self, config: PRMConfig, llm=None):
+        if config.kind != "policy_surprise":
+            raise ValueError(f"PolicySurpriseScorer needs kind 'policy_surprise', got {config.kind!r}")
+        self.config = config
+        self.llm = llm if llm is not None else self._build_llm(config)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttc-prm")
+
+    @staticmethod
+    def _build_llm(config: PRMConfig):
+        from vllm import LLM
+
+        from ttc_vllm.engine import engine_kwargs
+
+        kwargs = engine_kwargs(config.model, **config.engine_kwargs)
+        kwargs.pop("logits_processors", None)   # plain scoring: no thinking controls
+        return LLM(**kwargs)
+
+    async def score(self, traces: Sequence[Trace]) -> list[list[float]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.score_sync, list(traces))
+
+    def score_sync(self, traces: Sequence[Trace]) -> list[list[float]]:
+        from vllm import SamplingParams
+
+        todo = [t for t in traces if t.steps]
+        prompts = [{"prompt_token_ids": list(t.prompt_ids) + [x for s in t.steps for x in s.token_ids]}
+                   for t in todo]
+        outs = iter(self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=1),
+                                      use_tqdm=False) if prompts else [])
+        return [surprise_scores(t, next(outs).prompt_logprobs) if t.steps else [] for t in traces]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
+def surprise_scores(trace: Trace, prompt_logprobs: Sequence[dict | None]) -> list[float]:
+    """Per step of `trace`: exp(running min of log p(token) - log max p) over its completion
+    tokens, from vLLM's `prompt_logprobs` of prompt + completion (entry k: {token id:
+    Logprob} for token k, the token itself and the top ones)."""
+    ids = list(trace.prompt_ids) + [x for s in trace.steps for x in s.token_ids]
+    pos, running, out = len(trace.prompt_ids), 0.0, []
+    for step in trace.steps:
+        for k in range(pos, pos + len(step.token_ids)):
+            entry = prompt_logprobs[k]
+            values = {t: getattr(v, "logprob", v) for t, v in entry.items()}
+            running = min(running, values[ids[k]] - max(values.values()))
+        pos += len(step.token_ids)
+        out.append(math.exp(running))
+    return out
+
+
 def make_scorer(config: PRMConfig, llm=None):
     """The StepScorer for a config (the PRM pool's factory calls this in each actor)."""
-    cls = VLLMPoolingPRM if config.kind == "pooling" else TokenLabelPRM
+    cls = {"pooling": VLLMPoolingPRM, "token_label": TokenLabelPRM,
+           "policy_surprise": PolicySurpriseScorer}[config.kind]
     return cls(config, llm)
