@@ -12,7 +12,8 @@ tokens and wall time; and the issue's targets on the last tier (hard by default)
 - efficiency: the cheapest PRM-guided configuration that reaches best-of-16's accuracy,
   and its generated tokens as a fraction of best-of-16's (target <= 1/4);
 - the best strategy at n=16 minus greedy (target >= 30 points).
-Prints a table, writes benchmarks/results/search_scaling.json and search_scaling.png.
+Prints a table, writes benchmarks/results/search_scaling.json and search_scaling.png
+(`--result-name` for another scorer's run beside it, e.g. search_surprise).
 """
 from __future__ import annotations
 
@@ -160,6 +161,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16, help="problems in flight")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/search"))
     ap.add_argument("--prm-config", default=None, help="PRMConfig JSON or file (default: the shipped testbed PRM)")
+    ap.add_argument("--result-name", default="search_scaling",
+                    help="benchmarks/results/<name>.json and .png (keep the shipped PRM's grid apart)")
     ap.add_argument("--summarize-only", action="store_true",
                     help="run nothing: table, JSON and plot of what --out holds (a partial grid too)")
     a = ap.parse_args()
@@ -187,15 +190,15 @@ def main() -> None:
     missing = [f"{t}/{st}/n={n}" for t in tiers for st in a.strategies.split(",") for n in map(int, a.n.split(","))
                if valid_cell(st, n) and (t, st, n) not in have]
     complete = not missing
-    path = write_result("search_scaling", {
+    path = write_result(a.result_name, {
         "tiers": tiers, "problems_per_tier": a.problems, "n": a.n, "temperature": a.temperature,
         "search": [json.loads(x) for x in sorted(setups)],
         "prm": next((r["setup"]["prm"] for r in records if r["setup"]["prm"]), None),
         "greedy": greedy, "rows": rows, "targets": goal, "complete_grid": complete, "missing_cells": missing,
         "seconds": round(time.time() - t0, 1),
     })
-    plot(rows, greedy, RESULTS / "search_scaling.png", a.problems)
-    print(f"wrote {path} and {RESULTS / 'search_scaling.png'}")
+    plot(rows, greedy, RESULTS / f"{a.result_name}.png", a.problems)
+    print(f"wrote {path} and {RESULTS / (a.result_name + '.png')}")
 
 
 if __name__ == "__main__":
