@@ -106,7 +106,11 @@ def test_strategy_on_the_real_engine_and_prm(strategy, generator, prm_pool, toke
         else:
             assert a.prm_calls == 0
         if strategy in ("beam", "dvts", "mcts"):
-            assert a.generator_calls > 1 and a.cached_prompt_tokens > 0
+            assert a.generator_calls > 1
+    if strategy in ("beam", "dvts", "mcts"):
+        # Hard prompts (39 tokens) fill a 32-token block, so every later step request hits
+        # it; easy ones (12-15 tokens) may end before any continued prefix fills one.
+        assert all(r.accounting.cached_prompt_tokens > 0 for r in results[2:])
     if strategy in ("majority", "weighted_vote", "best_of_n"):
         assert all(len(r.candidates) == n for r in results)
     elif strategy == "dvts":
