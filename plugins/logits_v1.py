@@ -94,9 +94,12 @@ class TTCLogitsProcessorV1(LogitsProcessor):
         all_rows = self._rows == list(range(batch_update.batch_size))
         self._rows_t = None if all_rows else self._to_device(self._rows)
 
-    def _to_device(self, values: list) -> torch.Tensor:
-        t = torch.tensor(values, dtype=torch.long, pin_memory=self.pin_memory)
-        return t.to(self.device, non_blocking=True)
+    def _to_device(self, values) -> torch.Tensor:
+        """int64 host values (a list or an array) on the logits' device."""
+        t = torch.from_numpy(np.asarray(values, dtype=np.int64))
+        if self.device.type == "cpu":
+            return t
+        return (t.pin_memory() if self.pin_memory else t).to(self.device, non_blocking=True)
 
     # ---- hot path -----------------------------------------------------------------------
 
@@ -108,11 +111,5 @@ class TTCLogitsProcessorV1(LogitsProcessor):
         n = len(self._outs)
         last = np.fromiter((o[-1] if o else -1 for o in self._outs), np.int64, n)
         lens = np.fromiter(map(len, self._outs), np.int64, n)
-        return self.ctrl.step(logits, self._slots_t, self._host_to_device(last),
-                              self._host_to_device(lens), rows=self._rows_t)
-
-    def _host_to_device(self, values: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(values)
-        if self.device.type == "cpu":
-            return t
-        return (t.pin_memory() if self.pin_memory else t).to(self.device, non_blocking=True)
+        return self.ctrl.step(logits, self._slots_t, self._to_device(last), self._to_device(lens),
+                              rows=self._rows_t)

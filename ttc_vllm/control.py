@@ -308,7 +308,7 @@ class ThinkingController:
                 self._kernel_step(logits, slots, last_tokens, output_tokens, rows)
                 return logits
             except Exception:
-                # numba compiles at the first call, before the kernel touches any state
+                # a new argument type (e.g. float64 logits) compiles before any state is touched
                 logger.exception("ttc-vllm: the numba controller step failed; running it eagerly")
                 self.backend = "eager"
         dev = self.device
