@@ -240,19 +240,41 @@ def _token_strings(config: PRMConfig) -> tuple[str, str]:
     return str(tokens[0]), str(tokens[1])
 
 
-class _PoolingScorer:
+class _EngineScorer:
+    """What every scorer shares: its vLLM engine, and the async `score` running the
+    blocking `score_sync` on one worker thread (the engine is not thread-safe)."""
+
+    def __init__(self, config: PRMConfig, llm=None):
+        self.config = config
+        self.llm = llm if llm is not None else self._build_llm(config)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttc-prm")
+
+    @staticmethod
+    def _build_llm(config: PRMConfig):
+        raise NotImplementedError
+
+    async def score(self, traces: Sequence[Trace]) -> list[list[float]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.score_sync, list(traces))
+
+    def score_sync(self, traces: Sequence[Trace]) -> list[list[float]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
+class _PoolingScorer(_EngineScorer):
     """Shared body: build inputs, one `llm.encode` per call, map rows to steps."""
 
     good_column: int
 
     def __init__(self, config: PRMConfig, llm=None):
-        self.config = config
-        self.llm = llm if llm is not None else self._build_llm(config)
+        super().__init__(config, llm)
         self.tokenizer = self.llm.get_tokenizer()
         self.tag_id = token_id_of(self.tokenizer, config.step_tag)
         self.eos_id = getattr(self.tokenizer, "eos_token_id", None)
         self._policy_tokenizer = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttc-prm")
 
     @staticmethod
     def _build_llm(config: PRMConfig):
@@ -275,10 +297,6 @@ class _PoolingScorer:
         if self.config.input_format == "chat":
             return chat_input(trace, self.config, self.tokenizer, self.policy_tokenizer, self.tag_id)
         return token_ids_input(trace, self.tag_id, self.eos_id)
-
-    async def score(self, traces: Sequence[Trace]) -> list[list[float]]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.score_sync, list(traces))
 
     def score_sync(self, traces: Sequence[Trace]) -> list[list[float]]:
         from vllm import PoolingParams
@@ -303,9 +321,6 @@ class _PoolingScorer:
                 result[i] = step_scores(rows, tags, x.step_positions, self.good_column)
         return result  # type: ignore[return-value]
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False)
-
 
 class VLLMPoolingPRM(_PoolingScorer):
     """A *ForProcessRewardModel (STEP pooling) as a StepScorer."""
@@ -328,7 +343,7 @@ class TokenLabelPRM(_PoolingScorer):
         super().__init__(config, llm)
 
 
-class PolicySurpriseScorer:
+class PolicySurpriseScorer(_EngineScorer):
     """The policy's own surprise as a StepScorer: a step scores exp(min over the completion
     up to its end of log p(token) - log max_v p(v)), in (0, 1], 1 while every token so far
     was the policy's top choice. One generation request per trace (max_tokens=1,
@@ -337,9 +352,7 @@ class PolicySurpriseScorer:
     def __init__(self, config: PRMConfig, llm=None):
         if config.kind != "policy_surprise":
             raise ValueError(f"PolicySurpriseScorer needs kind 'policy_surprise', got {config.kind!r}")
-        self.config = config
-        self.llm = llm if llm is not None else self._build_llm(config)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttc-prm")
+        super().__init__(config, llm)
 
     @staticmethod
     def _build_llm(config: PRMConfig):
@@ -351,10 +364,6 @@ class PolicySurpriseScorer:
         kwargs.pop("logits_processors", None)   # plain scoring: no thinking controls
         return LLM(**kwargs)
 
-    async def score(self, traces: Sequence[Trace]) -> list[list[float]]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.score_sync, list(traces))
-
     def score_sync(self, traces: Sequence[Trace]) -> list[list[float]]:
         from vllm import SamplingParams
 
@@ -364,9 +373,6 @@ class PolicySurpriseScorer:
         outs = iter(self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=1),
                                       use_tqdm=False) if prompts else [])
         return [surprise_scores(t, next(outs).prompt_logprobs) if t.steps else [] for t in traces]
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False)
 
 
 def surprise_scores(trace: Trace, prompt_logprobs: Sequence[dict | None]) -> list[float]:
