@@ -39,3 +39,12 @@ def write_result(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(record, indent=1))
     return path
+
+
+def save_figure(fig, path) -> None:
+    """Lay out, write the PNG every benchmark writes (120 dpi), and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -197,9 +197,7 @@ def plot(rows, tiers, budgets, modes, path, problems) -> None:
     ax1.set_title(f"accuracy vs budget ({problems}/tier)")
     ax2.set_title("thinking tokens actually used")
     ax2.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    cc.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, write_result  # noqa: E402,F401
+from benchmarks.common import RESULTS, save_figure, write_result  # noqa: E402,F401
 
 TIERS = ("easy", "medium", "hard")
 

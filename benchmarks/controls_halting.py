@@ -369,9 +369,7 @@ def plot(sweep, cands, res, chosen, path) -> None:
                   fontsize=8)
     ax2.grid(alpha=0.3, axis="y")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    cc.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -165,9 +165,7 @@ def plot(rows, a, path) -> None:
     ax2.set_ylabel("throughput / plain (median, min-max)")
     ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    cc.save_figure(fig, path)
 
 
 if __name__ == "__main__":

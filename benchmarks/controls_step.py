@@ -111,9 +111,7 @@ def plot(rows, a, path) -> None:
     ax.set_title(f"controller step alone, batch {a.batch}, vocab {a.vocab}")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    cc.save_figure(fig, path)
 
 
 if __name__ == "__main__":

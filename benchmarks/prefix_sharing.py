@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, save_figure, write_result  # noqa: E402
 
 
 def cacheable(prefix_len: int, block_size: int) -> int:
@@ -216,9 +216,7 @@ def plot(summary, kv_rows, ratios, path: Path) -> None:
     a3.hist(ratios, bins=10)
     a3.set_xlabel("wall time off / on per problem")
     a3.set_title("beam search wall time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def main() -> None:
     from ttc_vllm.prm.label import read_jsonl
     from ttc_vllm.prm.scorers import PolicySurpriseScorer, PRMConfig, VLLMPoolingPRM
     from ttc_vllm.testbed import policy_path, prm_path
-    from ttc_vllm.testbed.train_prm import held_out, roc_auc, traces_from_rows
+    from ttc_vllm.testbed.train_prm import evaluate, held_out, traces_from_rows
 
     shipped = json.loads((Path(prm_path()) / "training.json").read_text())
     labels = a.labels or [ROOT / p for p in shipped["labels"]]
@@ -68,7 +68,7 @@ def main() -> None:
     prm = VLLMPoolingPRM(PRMConfig.testbed(engine_kwargs={"kv_cache_memory_bytes": 256 << 20,
                                                           "max_model_len": 512}))
     signals = {"shipped PRM": prm.score_sync(traces)}
-    prm.llm.llm_engine.engine_core.shutdown()
+    cc.shutdown(prm.llm)
     surprise = PolicySurpriseScorer(PRMConfig(kind="policy_surprise", model=str(policy_path())))
     signals["policy surprise"] = surprise.score_sync(traces)
     cc.shutdown(surprise.llm)
@@ -78,19 +78,11 @@ def main() -> None:
 
     rows, curves = [], {}
     for name, per_trace in signals.items():
-        flat, exact, nf_s, nf_e = [], [], [], []
-        for s, d in zip(per_trace, data):
-            for k, (v, e) in enumerate(zip(s, d.exact)):
-                if e is None:
-                    continue
-                flat.append(v)
-                exact.append(bool(e))
-                if k < len(s) - 1:
-                    nf_s.append(v)
-                    nf_e.append(bool(e))
-        rows.append(dict(signal=name, steps=len(flat), auc_exact=round(roc_auc(flat, exact), 4),
-                         auc_exact_nonfinal=round(roc_auc(nf_s, nf_e), 4)))
-        curves[name] = roc_points(flat, exact)
+        m = evaluate(per_trace, data)   # the trainer's own step AUCs
+        rows.append(dict(signal=name, steps=m["steps"], auc_exact=m["auc_exact"],
+                         auc_exact_nonfinal=m["auc_exact_nonfinal"]))
+        curves[name] = roc_points([v for s in per_trace for v in s],
+                                  [bool(e) for d in data for e in d.exact])
     print(cc.table(["signal", "steps", "AUC vs exact", "non-final steps"],
                    [[r["signal"], r["steps"], f"{r['auc_exact']:.3f}", f"{r['auc_exact_nonfinal']:.3f}"]
                     for r in rows]))
@@ -117,9 +109,7 @@ def plot(rows, curves, path) -> None:
     ax.set_title("held-out testbed steps vs exact ground truth")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    cc.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, save_figure, write_result  # noqa: E402
 
 PRM_GUIDED = ("weighted_vote", "best_of_n", "beam", "dvts", "mcts")
 
@@ -146,9 +146,7 @@ def plot(rows: list[dict], greedy: dict[str, float], path: Path, problems: int) 
         ax.set_title(f"{tier} ({problems} problems)")
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("testbed: accuracy vs generated tokens (PRM-guided search, real vLLM + Ray)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
