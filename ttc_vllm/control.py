@@ -190,10 +190,11 @@ class ThinkingController:
             self._warm_up()
 
     def _warm_up(self) -> None:
-        from ttc_vllm.control_cpu import warm_up
+        from ttc_vllm import control_cpu   # imports this module: loaded on first use
 
+        self._cpu = control_cpu            # the step reads the kernel from here, not by import
         try:
-            warm_up(self)
+            control_cpu.warm_up(self)
         except Exception:
             logger.exception("ttc-vllm: building the numba controller step failed; running it eagerly")
             self.backend = "eager"
@@ -330,10 +331,9 @@ class ThinkingController:
 
     def _kernel_step(self, logits: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
                      out_len: torch.Tensor, rows: torch.Tensor | None) -> None:
-        from ttc_vllm.control_cpu import state_views, step_kernel, vocabulary_passes
-
+        cpu = self._cpu
         if self._views is None:
-            self._views = state_views(self)
+            self._views = cpu.state_views(self)
         if rows is None:
             if self._arange.shape[0] != logits.shape[0]:
                 self._arange = np.arange(logits.shape[0], dtype=np.int64)
@@ -345,11 +345,11 @@ class ThinkingController:
         if self._mode == HALT_OFF:
             top, lse, neg_ent = x[:, :0], self._no_rows, self._no_rows
         else:
-            top, lse, neg_ent = vocabulary_passes(logits, bool(self._mode & HALT_CONFIDENCE),
-                                                  bool(self._mode & HALT_ENTROPY))
-        step_kernel(x, top, lse, neg_ent, rows_np, _int64_numpy(slots), _int64_numpy(last),
-                    _int64_numpy(out_len), self.markers.think_start, self.markers.think_end,
-                    *self._views)
+            top, lse, neg_ent = cpu.vocabulary_passes(logits, bool(self._mode & HALT_CONFIDENCE),
+                                                      bool(self._mode & HALT_ENTROPY))
+        cpu.step_kernel(x, top, lse, neg_ent, rows_np, _int64_numpy(slots), _int64_numpy(last),
+                        _int64_numpy(out_len), self.markers.think_start, self.markers.think_end,
+                        *self._views)
 
     def _advance(self, sub: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
                  out_len: torch.Tensor, mode: int) -> None:
