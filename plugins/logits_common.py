@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ttc_vllm.control import Markers, SlotParams, SlotRecord
@@ -23,6 +23,7 @@ THINK_START_ENV = "TTC_VLLM_THINK_START"
 THINK_END_ENV = "TTC_VLLM_THINK_END"
 DEFAULT_THINK_START = "<think>"
 DEFAULT_THINK_END = "</think>"
+ENCODE_CACHE_SIZE = 1024
 
 
 def parse_options(sampling_params) -> TTCOptions | None:
@@ -52,6 +53,8 @@ class EngineContext:
     markers: Markers | None
     model: str
     default_eos: int | None
+    # Conclusion / continuation strings repeat across requests: encode each once.
+    _encoded: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> EngineContext:
@@ -87,10 +90,15 @@ class EngineContext:
         end = _single_token(tokenizer, DEFAULT_THINK_END)
         return Markers(start, end) if start is not None and end is not None else None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> tuple[int, ...]:
         if self.tokenizer is None:
-            return []
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return ()
+        ids = self._encoded.get(text)
+        if ids is None:
+            if len(self._encoded) >= ENCODE_CACHE_SIZE:
+                self._encoded.clear()   # options are per request: bound the cache
+            ids = self._encoded[text] = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+        return ids
 
     def slot_params(self, options: TTCOptions, sampling_params, **initial) -> SlotParams:
         eos = getattr(sampling_params, "eos_token_id", None)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from ttc_vllm.control import PHASE_BEFORE, SlotParams, ThinkingController, scan_think_state
+from ttc_vllm.control import SlotParams, ThinkingController, scan_think_ids
 from ttc_vllm_plugins import logits_common as common
 
 
@@ -54,12 +54,7 @@ class TTCLogitsProcessorV1(LogitsProcessor):
         opts = common.options_or_none(params)
         if opts is None or not self.free_slots:
             return
-        history = list(prompt_ids or ()) + list(output_ids)
-        phase, count = (PHASE_BEFORE, 0)
-        if history:
-            ph, cnt = scan_think_state(torch.tensor([history]), torch.tensor([len(history)]),
-                                       self.ctx.markers)
-            phase, count = int(ph[0]), int(cnt[0])   # host tensors: no device sync
+        phase, count = scan_think_ids(list(prompt_ids or ()) + list(output_ids), self.ctx.markers)
         slot = self.free_slots.pop()
         p: SlotParams = self.ctx.slot_params(opts, params, phase=phase, thinking_tokens=count,
                                              output_tokens=len(output_ids))

@@ -250,6 +250,21 @@ def test_scan_think_state_from_prompts():
     phase, count = C.scan_think_state(hist, lengths, MARKERS)
     T, B = C.PHASE_THINKING, C.PHASE_BEFORE
     assert phase.tolist() == [T, T, B, B, T] and count.tolist() == [0, 2, 0, 0, 2]
+    # the host-list version (V1 admission) agrees row by row, and on an empty history
+    host = [C.scan_think_ids(row[:n].tolist(), MARKERS) for row, n in zip(hist, lengths.tolist())]
+    assert host == list(zip(phase.tolist(), count.tolist()))
+    assert C.scan_think_ids([], MARKERS) == (B, 0)
+
+
+def test_scan_think_ids_matches_the_tensor_scan_on_random_histories():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        n = int(torch.randint(0, 12, (1,), generator=g))
+        ids = torch.randint(0, 4, (n,), generator=g)
+        ids = torch.where(ids == 0, START, torch.where(ids == 1, END, ids + 5))
+        phase, count = C.scan_think_state(ids[None, :] if n else torch.zeros(1, 1, dtype=torch.long),
+                                          torch.tensor([n]), MARKERS)
+        assert C.scan_think_ids(ids.tolist(), MARKERS) == (int(phase[0]), int(count[0]))
 
 
 def test_init_from_history_then_reopen_counts():

@@ -151,6 +151,21 @@ def scan_think_state(history: torch.Tensor, lengths: torch.Tensor, markers: Mark
     return phase.long(), count.long()
 
 
+def scan_think_ids(history: Sequence[int], markers: Markers) -> tuple[int, int]:
+    """`scan_think_state` of one host token list (V1 admission): two reverse searches at
+    C speed instead of ~10 small tensor ops."""
+    def last(token: int) -> int:
+        try:
+            return len(history) - 1 - history[::-1].index(token)
+        except ValueError:
+            return -1
+
+    start, end = last(markers.think_start), last(markers.think_end)
+    if start > end:
+        return PHASE_THINKING, len(history) - start - 1
+    return PHASE_BEFORE, 0
+
+
 class ThinkingController:
     """Per-slot thinking state for up to `num_slots` requests, stepped as a batch."""
 
@@ -215,14 +230,13 @@ class ThinkingController:
         cont = list(p.continuation_ids)
         eos = [p.eos_id] if p.eos_id is not None else [self.markers.think_end]
         self._fit_seqs(max(len(conc), len(cont), 1))
-        seq_rows = torch.full((3, self.seqs.shape[2]), self.markers.think_end, dtype=torch.long)
+        seq_rows = np.full((3, self.seqs.shape[2]), self.markers.think_end, dtype=np.int64)
         for k, ids in ((SEQ_CONCLUSION, conc), (SEQ_CONTINUATION, cont), (SEQ_EOS, eos)):
-            if ids:
-                seq_rows[k, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            seq_rows[k, :len(ids)] = ids
         sup = sorted(set(p.suppress_ids) | {self.markers.think_end})
         self._fit_suppress(len(sup))
-        sup_row = torch.full((self.suppress.shape[1],), self.markers.think_end, dtype=torch.long)
-        sup_row[:len(sup)] = torch.tensor(sup, dtype=torch.long)
+        sup_row = np.full(self.suppress.shape[1], self.markers.think_end, dtype=np.int64)
+        sup_row[:len(sup)] = sup
 
         row = [0] * NUM_INT_COLS
         row[C_PHASE] = p.phase
@@ -239,11 +253,10 @@ class ThinkingController:
             row[C_HON], row[C_HTOPK], row[C_HABOVE] = 1, h.top_k, int(h.above)
             row[C_HSTOP], row[C_HMIN], row[C_SIGNAL] = int(h.stop), h.min_tokens, h.signal
             self.windows.reset(slot, h.signal, h.aggregate, h.window)
-        # One host->device copy per tensor.
-        self.ints[slot] = torch.tensor(row, dtype=torch.long).to(self.device)
-        self.floats[slot] = torch.tensor([h.threshold if h else 0.0, 0.0]).to(self.device)
-        self.seqs[slot] = seq_rows.to(self.device)
-        self.suppress[slot] = sup_row.to(self.device)
+        for tensor, values in ((self.ints, np.asarray(row, dtype=np.int64)),
+                               (self.floats, np.array([h.threshold if h else 0.0, 0.0], np.float32)),
+                               (self.seqs, seq_rows), (self.suppress, sup_row)):
+            H.write_row(tensor, slot, values)
         self._active.add(slot)
         self._views = None   # _fit_* / windows.reset may have reallocated state tensors
         if h is not None:
@@ -264,7 +277,8 @@ class ThinkingController:
     def record(self, slot: int) -> SlotRecord:
         """Host read of one slot's outcome (a device sync: call at removal only)."""
         cols = [C_PHASE, C_REASON, C_COUNT, C_HSTEP, C_EXT]
-        phase, reason, count, hstep, ext = self.ints[slot, cols].tolist()
+        state = self.ints.numpy() if self.device.type == "cpu" else self.ints
+        phase, reason, count, hstep, ext = state[slot, cols].tolist()
         ended = reason != REASON_NONE
         return SlotRecord(PHASE_NAMES[phase], REASON_NAMES[reason], count,
                           hstep if ended else None, ext)
@@ -273,7 +287,7 @@ class ThinkingController:
         if slot not in self._active:
             return None
         rec = self.record(slot)
-        self.ints[slot, C_PHASE] = PHASE_INACTIVE
+        H.write_row(self.ints, (slot, C_PHASE), PHASE_INACTIVE)
         self._active.discard(slot)
         self._halting.pop(slot, None)
         self._mode = halting_mode(self._halting.values())

@@ -162,6 +162,18 @@ def halt_decision(f: torch.Tensor, valid: torch.Tensor, tau: torch.Tensor,
 
 # ---- per-slot ring buffers on device ----------------------------------------------------
 
+def write_row(tensor: torch.Tensor, index, values) -> None:
+    """An admission-time write of host values (a number or an array) into a state tensor:
+    through a numpy view on CPU (a torch setitem costs ~5 us of dispatch, and admission
+    does a dozen), else one host->device copy."""
+    if tensor.device.type == "cpu":
+        tensor.numpy()[index] = values
+    elif isinstance(values, np.ndarray):
+        tensor[index] = torch.from_numpy(values).to(tensor.device)
+    else:
+        tensor[index] = values
+
+
 class SignalWindows:
     """Ring buffers [slots, W] of r and v per request slot, plus running mean/min of v.
 
@@ -196,14 +208,10 @@ class SignalWindows:
 
     def reset(self, slot: int, signal: int, aggregate: int, window: int) -> None:
         self.ensure_capacity(window)
-        self.window[slot] = window
-        self.signal[slot] = signal
-        self.agg[slot] = aggregate
-        self.n[slot] = 0
-        self.v_cnt[slot] = 0
-        self.v_sum[slot] = 0.0
-        self.v_min[slot] = math.inf
-        self.v_ok[slot] = False
+        for tensor, value in ((self.window, window), (self.signal, signal), (self.agg, aggregate),
+                              (self.n, 0), (self.v_cnt, 0), (self.v_sum, 0.0),
+                              (self.v_min, math.inf), (self.v_ok, False)):
+            write_row(tensor, slot, value)
 
     def push(self, slots: torch.Tensor, r: torch.Tensor, mask: torch.Tensor) -> None:
         """Append r to the slots where mask holds ([R] each; a slot appears at most once
