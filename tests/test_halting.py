@@ -172,3 +172,19 @@ def test_top_values_matches_torch_topk(k):
     assert torch.equal(H.top_values(x, k), x.topk(k, dim=-1).values)
     compiled = torch.compile(lambda t: H.top_values(t, k) * 2, dynamic=True)
     assert torch.equal(compiled(x), x.topk(k, dim=-1).values * 2)
+
+
+def test_write_row_on_cpu_goes_through_the_shared_memory_and_elsewhere_keeps_shape():
+    import numpy as np
+
+    t = torch.zeros(3, 4, dtype=torch.long)
+    H.write_row(t, 1, np.arange(4, dtype=np.int64))
+    H.write_row(t, (2, 3), 7)
+    assert t.tolist() == [[0, 0, 0, 0], [0, 1, 2, 3], [0, 0, 0, 7]]
+    # the non-CPU branches (a GPU engine's admission), on the meta device
+    m = torch.zeros(3, 4, dtype=torch.long, device="meta")
+    H.write_row(m, 1, np.arange(4, dtype=np.int64))
+    H.write_row(m, (2, 3), 7)
+    f = torch.zeros(3, dtype=torch.float32, device="meta")
+    H.write_row(f, 0, math.inf)
+    assert m.shape == (3, 4) and m.dtype == torch.long and f.dtype == torch.float32

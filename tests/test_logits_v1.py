@@ -149,3 +149,17 @@ def test_resumed_request_counts_its_output_and_placeholder_is_tolerated():
         b.step()
     # 3 + 1 (placeholder, uncounted) + 2 more counted = cap 6 reached one token late
     assert think_len(b.rows[0]) == 7
+
+
+def test_engine_context_encodes_each_string_once_and_bounds_the_cache(monkeypatch):
+    ctx = make_proc().ctx
+    calls = []
+    real = ctx.tokenizer.encode
+    monkeypatch.setattr(ctx.tokenizer, "encode", lambda text, **kw: calls.append(text) or real(text, **kw))
+    first = ctx.encode("Time to answer.")
+    assert ctx.encode("Time to answer.") == first == tuple(real("Time to answer.", add_special_tokens=False))
+    assert calls == ["Time to answer."]
+    monkeypatch.setattr(common, "ENCODE_CACHE_SIZE", 3)
+    for k in range(10):
+        ctx.encode(f"wait {k}")
+    assert len(ctx._encoded) <= 3
