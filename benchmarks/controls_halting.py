@@ -26,7 +26,6 @@ benchmarks/results/controls_halting.json and .png.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np

@@ -1,7 +1,6 @@
 """The installed distribution activates ttc-vllm the way vLLM loads plugins."""
 from importlib.metadata import entry_points
 
-import pytest
 
 
 def _entry(group: str, name: str):

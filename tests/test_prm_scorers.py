@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from ttc_vllm.prm.scorers import (
-    PolicySurpriseScorer, PRMConfig, PRMInput, TokenLabelPRM, VLLMPoolingPRM, chat_input,
+    PolicySurpriseScorer, PRMConfig, TokenLabelPRM, VLLMPoolingPRM, chat_input,
     clean_step_text, extract_question, make_scorer, pooling_llm_kwargs, step_scores,
     surprise_scores, token_id_of, token_ids_input,
 )
