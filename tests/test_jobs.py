@@ -282,6 +282,15 @@ def test_item_record_matches_a_direct_search():
     assert record["generated_tokens"] == direct.accounting.generated_tokens > 0
     assert record["prm_traces"] == 4 and record["worker"] == "local"
     assert record["setup"] == plan.setup(item)
+    # every candidate, with what a decision rule needs: re-deciding best-of-N offline on the
+    # recorded step scores picks the same answer
+    cands = record["candidates"]
+    assert len(cands) == 4 and [c["answer"] for c in cands] == [c.answer for c in direct.candidates]
+    assert sum(c["tokens"] for c in cands) == record["generated_tokens"]
+    assert all(len(c["step_scores"]) == c["steps"] > 0 for c in cands)
+    from ttc_vllm.search.aggregate import aggregate_step_scores, best_of_n
+    weights = [aggregate_step_scores(c["step_scores"], "min") for c in cands]
+    assert cands[best_of_n([c["answer"] for c in cands], weights)]["answer"] == record["answer"]
 
 
 def test_interrupted_run_resumes_without_duplicates_and_matches_an_uninterrupted_run(tmp_path):

@@ -347,7 +347,20 @@ async def evaluate_item(plan: Plan, item: Item, worker, scorer,
         "wall_time_s": round(a.wall_time_s, 4), "worker": worker.name,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "text": result.text, "setup": plan.setup(item),
+        "candidates": candidate_records(result.candidates),
     }
+
+
+def candidate_records(candidates) -> list[dict[str, Any]]:
+    """Each final candidate's answer, PRM step scores (None unscored) and generated tokens:
+    what any decision rule needs, so rules (majority, weighted vote, best-of-N) and step
+    aggregations can be compared offline on the very same traces."""
+    return [{
+        "answer": None if c.answer is None else normalise_answer(c.answer),
+        "step_scores": None if c.step_scores is None else [round(x, 5) for x in c.step_scores],
+        "steps": len(c.trace.steps),
+        "tokens": sum(step.generated_tokens for step in c.trace.steps),
+    } for c in candidates]
 
 
 async def run_items(plan: Plan, items: Sequence[Item], workers: Sequence[Any], scorer,

@@ -1,0 +1,179 @@
+"""Decision rules compared on the very same traces: majority vs PRM-weighted vote vs best-of-N,
+for every step-score aggregation, at k = 1..n samples per problem.
+
+    python benchmarks/vote_rules.py [--tiers hard] [--problems 320] [--n 16] [--prm-config JSON]
+        [--out runs/bench/vote_rules] [--result-name vote_rules] [--summarize-only]
+
+One `ttc-vllm job evaluate` run on a local Ray head (loopback; one policy replica, one PRM
+actor, real vLLM engines) samples n full traces per problem at temperature 0.8 and scores all
+of them with the PRM (strategy weighted_vote); each record keeps every candidate's answer
+and step scores (resumable: rerun with the same --out). Then, offline, for k in 1, 2, 4, ..
+n (the first k candidates: still k independent samples) each rule decides: majority,
+weighted vote and best-of-N under each aggregation (min, prod, mean, last), and pass@k
+(any candidate right) as the ceiling. Because every rule sees the same samples, the
+difference between two rules has no sampling noise of its own: per problem it is +1, 0 or
+-1, and the table reports the paired difference at k = n with a 95 % bootstrap interval
+over problems (and the win / loss counts). Generated tokens are the same for every rule at
+a given k. Prints a table, writes benchmarks/results/<result-name>.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, save_figure, write_result  # noqa: E402
+from search_scaling import load_records, run_job  # noqa: E402
+
+from ttc_vllm.search.aggregate import AGGREGATIONS, aggregate_step_scores, best_of_n, majority_vote, weighted_vote  # noqa: E402,E501
+
+BOOTSTRAP = 2000
+
+
+def decide(rule: str, candidates: list[dict]) -> str | None:
+    """The answer `rule` ("majority", "weighted_vote:<agg>", "best_of_n:<agg>") picks."""
+    answers = [c["answer"] for c in candidates]
+    if rule == "majority":
+        index = majority_vote(answers)
+    else:
+        kind, agg = rule.split(":")
+        weights = [aggregate_step_scores(c["step_scores"], agg) if c["step_scores"] else 0.0
+                   for c in candidates]
+        index = (weighted_vote if kind == "weighted_vote" else best_of_n)(answers, weights)
+    return None if index is None else answers[index]
+
+
+def rules() -> list[str]:
+    return (["majority"] + [f"weighted_vote:{a}" for a in AGGREGATIONS]
+            + [f"best_of_n:{a}" for a in AGGREGATIONS])
+
+
+def ks(n: int) -> list[int]:
+    out, k = [], 1
+    while k < n:
+        out.append(k)
+        k *= 2
+    return out + [n]
+
+
+def outcomes(records: list[dict], k: int) -> dict[str, np.ndarray]:
+    """Per rule, 1/0 per problem (records order) with the first k candidates; plus pass@k."""
+    out = {rule: np.array([decide(rule, r["candidates"][:k]) == r["expected"] for r in records], float)
+           for rule in rules()}
+    out["pass@k"] = np.array([any(c["answer"] == r["expected"] for c in r["candidates"][:k])
+                              for r in records], float)
+    return out
+
+
+def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
+    """Mean of a - b (per problem) with a 95 % bootstrap interval over problems."""
+    d = a - b
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"points": round(100 * d.mean(), 2), "ci95_points": [round(100 * lo, 2), round(100 * hi, 2)],
+            "wins": int((d > 0).sum()), "losses": int((d < 0).sum())}
+
+
+def summarize(records: list[dict], n: int) -> dict:
+    by_k, tokens = {}, {}
+    for k in ks(n):
+        res = outcomes(records, k)
+        by_k[k] = {rule: round(float(v.mean()), 4) for rule, v in res.items()}
+        tokens[k] = round(float(np.mean([sum(c["tokens"] for c in r["candidates"][:k]) for r in records])), 1)
+    final = outcomes(records, n)
+    vs_majority = {rule: paired(final[rule], final["majority"]) for rule in rules() if rule != "majority"}
+    return {"accuracy": by_k, "generated_tokens": tokens, "vs_majority_at_n": vs_majority}
+
+
+def format_table(summary: dict, n: int) -> str:
+    cols = [str(k) for k in summary["accuracy"]]
+    lines = [f"{'rule':22s}" + "".join(f"{'k=' + c:>8s}" for c in cols) + f"   vs majority@{n} (paired, 95% CI)",
+             "-" * (22 + 8 * len(cols) + 36)]
+    for rule in [*rules(), "pass@k"]:
+        accs = "".join(f"{100 * summary['accuracy'][int(c)][rule]:7.1f}%" for c in cols)
+        d = summary["vs_majority_at_n"].get(rule)
+        extra = (f"   {d['points']:+6.1f} [{d['ci95_points'][0]:+.1f}, {d['ci95_points'][1]:+.1f}]"
+                 f"  {d['wins']}W/{d['losses']}L" if d else "")
+        lines.append(f"{rule:22s}{accs}{extra}")
+    lines.append(f"{'tokens / problem':22s}" + "".join(f"{summary['generated_tokens'][int(c)]:8.0f}" for c in cols))
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks_ = [int(k) for k in summary["accuracy"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"majority": ("k", "-"), "pass@k": ("grey", ":")}
+    for rule in [*rules(), "pass@k"]:
+        kind = rule.split(":")[0]
+        color, ls = styles.get(rule, ("C0" if kind == "weighted_vote" else "C3", "-" if kind == "weighted_vote" else "--"))
+        alpha = 1.0 if rule in styles or rule.endswith((":min", ":last")) else 0.45
+        ax.plot(ks_, [100 * summary["accuracy"][k][rule] for k in ks_], ls, color=color, alpha=alpha,
+                marker="o", ms=3, label=rule)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks_, [str(k) for k in ks_])
+    ax.set_xlabel("samples per problem k (same traces for every rule)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiers", default="hard")
+    ap.add_argument("--problems", type=int, default=320)
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--prm-config", default=None, help="PRMConfig JSON or file (default: the shipped testbed PRM)")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/vote_rules"))
+    ap.add_argument("--result-name", default="vote_rules")
+    ap.add_argument("--summarize-only", action="store_true", help="run nothing; summarize what --out holds")
+    a = ap.parse_args()
+    if a.n < 1:
+        ap.error("--n must be >= 1")
+
+    t0 = time.time()
+    if not a.summarize_only:
+        prm = ["--prm-config", a.prm_config] if a.prm_config else []
+        run_job(["--tiers", a.tiers, "--problems", str(a.problems), "--concurrency", str(a.concurrency),
+                 "--num-cpus", "2", *prm, "--strategies", "weighted_vote", "--n", str(a.n),
+                 "--temperature", str(a.temperature), "--out", str(a.out)])
+    records = [r for r in load_records(a.out) if r["strategy"] == "weighted_vote" and r["n"] == a.n
+               and r.get("candidates")]
+    if not records:
+        sys.exit(f"no weighted_vote n={a.n} records with candidates in {a.out}")
+    result = {}
+    for tier in a.tiers.split(","):
+        tier_records = sorted((r for r in records if r["tier"] == tier), key=lambda r: r["index"])
+        if not tier_records:
+            continue
+        summary = summarize(tier_records, a.n)
+        result[tier] = {"problems": len(tier_records), **summary}
+        print(f"\n{tier}: {len(tier_records)} problems, {a.n} traces each, temperature {a.temperature}")
+        print(format_table(summary, a.n))
+        plot(summary, RESULTS / f"{a.result_name}.png" if tier == a.tiers.split(",")[-1]
+             else RESULTS / f"{a.result_name}_{tier}.png",
+             f"{tier}: decision rules on the same {a.n} traces x {len(tier_records)} problems")
+    prm = next((r["setup"]["prm"] for r in records if r["setup"]["prm"]), None)
+    path = write_result(a.result_name, {"tiers": a.tiers.split(","), "n": a.n, "temperature": a.temperature,
+                                        "prm": prm, "bootstrap": BOOTSTRAP, "by_tier": result,
+                                        "seconds": round(time.time() - t0, 1)})
+    print(f"wrote {path} and {RESULTS / (a.result_name + '.png')}")
+
+
+if __name__ == "__main__":
+    main()
