@@ -114,12 +114,14 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
     ks_ = [int(k) for k in summary["accuracy"]]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"majority": ("k", "-"), "pass@k": ("grey", ":")}
+    colors = {agg: f"C{i}" for i, agg in enumerate(AGGREGATIONS)}
     for rule in [*rules(), "pass@k"]:
-        kind = rule.split(":")[0]
-        color, ls = styles.get(rule, ("C0" if kind == "weighted_vote" else "C3", "-" if kind == "weighted_vote" else "--"))
-        alpha = 1.0 if rule in styles or rule.endswith((":min", ":last")) else 0.45
-        ax.plot(ks_, [100 * summary["accuracy"][k][rule] for k in ks_], ls, color=color, alpha=alpha,
+        if rule in ("majority", "pass@k"):
+            color, ls = ("k", "-") if rule == "majority" else ("grey", ":")
+        else:  # colour = aggregation, solid = weighted vote, dashed = best-of-N
+            kind, agg = rule.split(":")
+            color, ls = colors[agg], "-" if kind == "weighted_vote" else "--"
+        ax.plot(ks_, [100 * summary["accuracy"][k][rule] for k in ks_], ls, color=color,
                 marker="o", ms=3, label=rule)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks_, [str(k) for k in ks_])
