@@ -2,7 +2,7 @@
 for every step-score aggregation, at k = 1..n samples per problem.
 
     python benchmarks/vote_rules.py [--tiers hard] [--problems 320] [--n 16] [--prm-config JSON]
-        [--out runs/bench/vote_rules] [--result-name vote_rules] [--summarize-only]
+        [--out runs/bench/vote_rules] [--result-name vote_rules] [--summarize-only] [--from-index K]
 
 One `ttc-vllm job evaluate` run on a local Ray head (loopback; one policy replica, one PRM
 actor, real vLLM engines) samples n full traces per problem at temperature 0.8 and scores all
@@ -144,6 +144,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench/vote_rules"))
     ap.add_argument("--result-name", default="vote_rules")
     ap.add_argument("--summarize-only", action="store_true", help="run nothing; summarize what --out holds")
+    ap.add_argument("--from-index", type=int, default=0,
+                    help="summarize only problems with index >= this (e.g. a replication slice added "
+                         "after a first run chose a rule)")
     a = ap.parse_args()
     if a.n < 1:
         ap.error("--n must be >= 1")
@@ -155,7 +158,7 @@ def main() -> None:
                  "--num-cpus", "2", *prm, "--strategies", "weighted_vote", "--n", str(a.n),
                  "--temperature", str(a.temperature), "--out", str(a.out)])
     records = [r for r in load_records(a.out) if r["strategy"] == "weighted_vote" and r["n"] == a.n
-               and r.get("candidates")]
+               and r.get("candidates") and a.from_index <= r["index"] < a.problems]
     if not records:
         sys.exit(f"no weighted_vote n={a.n} records with candidates in {a.out}")
     result = {}
@@ -172,6 +175,7 @@ def main() -> None:
              f"{tier}: decision rules on the same {a.n} traces x {len(tier_records)} problems")
     prm = next((r["setup"]["prm"] for r in records if r["setup"]["prm"]), None)
     path = write_result(a.result_name, {"tiers": a.tiers.split(","), "n": a.n, "temperature": a.temperature,
+                                        "problem_indices": [a.from_index, a.problems],
                                         "prm": prm, "bootstrap": BOOTSTRAP, "by_tier": result,
                                         "seconds": round(time.time() - t0, 1)})
     print(f"wrote {path} and {RESULTS / (a.result_name + '.png')}")
