@@ -161,8 +161,8 @@ def main() -> None:
                and r.get("candidates") and a.from_index <= r["index"] < a.problems]
     if not records:
         sys.exit(f"no weighted_vote n={a.n} records with candidates in {a.out}")
-    result = {}
-    for tier in a.tiers.split(","):
+    result, tiers = {}, a.tiers.split(",")
+    for tier in tiers:
         tier_records = sorted((r for r in records if r["tier"] == tier), key=lambda r: r["index"])
         if not tier_records:
             continue
@@ -170,14 +170,16 @@ def main() -> None:
         result[tier] = {"problems": len(tier_records), **summary}
         print(f"\n{tier}: {len(tier_records)} problems, {a.n} traces each, temperature {a.temperature}")
         print(format_table(summary, a.n))
-        plot(summary, RESULTS / f"{a.result_name}.png" if tier == a.tiers.split(",")[-1]
-             else RESULTS / f"{a.result_name}_{tier}.png",
-             f"{tier}: decision rules on the same {a.n} traces x {len(tier_records)} problems")
     prm = next((r["setup"]["prm"] for r in records if r["setup"]["prm"]), None)
-    path = write_result(a.result_name, {"tiers": a.tiers.split(","), "n": a.n, "temperature": a.temperature,
+    # the JSON first: its commit field must not see this run's own plot as a change
+    path = write_result(a.result_name, {"tiers": tiers, "n": a.n, "temperature": a.temperature,
                                         "problem_indices": [a.from_index, a.problems],
                                         "prm": prm, "bootstrap": BOOTSTRAP, "by_tier": result,
                                         "seconds": round(time.time() - t0, 1)})
+    for tier, summary in result.items():
+        plot(summary, RESULTS / f"{a.result_name}.png" if tier == tiers[-1]
+             else RESULTS / f"{a.result_name}_{tier}.png",
+             f"{tier}: decision rules on the same {a.n} traces x {summary['problems']} problems")
     print(f"wrote {path} and {RESULTS / (a.result_name + '.png')}")
 
 
