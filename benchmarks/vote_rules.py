@@ -31,21 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save_figure, write_result  # noqa: E402
 from search_scaling import load_records, run_job  # noqa: E402
 
-from ttc_vllm.search.aggregate import AGGREGATIONS, aggregate_step_scores, best_of_n, majority_vote, weighted_vote  # noqa: E402,E501
+from ttc_vllm.search.aggregate import AGGREGATIONS, aggregate_step_scores, decide  # noqa: E402
 
 BOOTSTRAP = 2000
 
 
-def decide(rule: str, candidates: list[dict]) -> str | None:
-    """The answer `rule` ("majority", "weighted_vote:<agg>", "best_of_n:<agg>") picks."""
+def decide_answer(rule: str, candidates: list[dict]) -> str | None:
+    """The answer `rule` ("majority", or "<weighted_vote|best_of_n>:<aggregation>") picks."""
+    kind, _, agg = rule.partition(":")
     answers = [c["answer"] for c in candidates]
-    if rule == "majority":
-        index = majority_vote(answers)
-    else:
-        kind, agg = rule.split(":")
-        weights = [aggregate_step_scores(c["step_scores"], agg) if c["step_scores"] else 0.0
-                   for c in candidates]
-        index = (weighted_vote if kind == "weighted_vote" else best_of_n)(answers, weights)
+    weights = [aggregate_step_scores(c["step_scores"], agg) if agg and c["step_scores"] else 0.0
+               for c in candidates]
+    index = decide(kind, answers, weights)
     return None if index is None else answers[index]
 
 
@@ -64,7 +61,7 @@ def ks(n: int) -> list[int]:
 
 def outcomes(records: list[dict], k: int) -> dict[str, np.ndarray]:
     """Per rule, 1/0 per problem (records order) with the first k candidates; plus pass@k."""
-    out = {rule: np.array([decide(rule, r["candidates"][:k]) == r["expected"] for r in records], float)
+    out = {rule: np.array([decide_answer(rule, r["candidates"][:k]) == r["expected"] for r in records], float)
            for rule in rules()}
     out["pass@k"] = np.array([any(c["answer"] == r["expected"] for c in r["candidates"][:k])
                               for r in records], float)

@@ -54,3 +54,14 @@ def test_best_of_n_takes_best_answered_first_on_ties():
     assert best_of_n([None, "3", "4"], [0.99, 0.5, 0.5]) == 1
     assert best_of_n(["3", "4", "4"], [0.2, 0.6, 0.6]) == 1
     assert best_of_n([None], [0.3]) is None
+
+
+def test_decide_dispatches_each_rule_and_rejects_unknown():
+    from ttc_vllm.search.aggregate import decide
+
+    answers, weights = ["7", "8", "8", None], [0.9, 0.2, 0.3, 1.0]
+    assert decide("majority", answers, weights) == 1          # "8" twice; its first candidate
+    assert decide("weighted_vote", answers, weights) == 0     # "7" 0.9 > "8" 0.5
+    assert decide("best_of_n", answers, weights) == 0         # the unanswered 1.0 does not count
+    with pytest.raises(ValueError, match="unknown decision rule 'max'"):
+        decide("max", answers, weights)

@@ -82,3 +82,17 @@ def best_of_n(answers: Sequence[Hashable | None], weights: Sequence[float]) -> i
         if a is not None and (best is None or w > weights[best]):
             best = i
     return best
+
+
+DECISION_RULES = ("majority", "weighted_vote", "best_of_n")
+
+
+def decide(rule: str, answers: Sequence[Hashable | None], weights: Sequence[float]) -> int | None:
+    """The candidate `rule` picks (majority ignores the weights); None when nobody answered."""
+    if rule == "majority":
+        return majority_vote(answers)
+    if rule == "weighted_vote":
+        return weighted_vote(answers, weights)
+    if rule == "best_of_n":
+        return best_of_n(answers, weights)
+    raise ValueError(f"unknown decision rule {rule!r}")

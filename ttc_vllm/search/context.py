@@ -8,14 +8,13 @@ import time
 from dataclasses import replace
 from typing import Sequence
 
-from ttc_vllm.search.aggregate import aggregate_step_scores, best_of_n, majority_vote, weighted_vote
+from ttc_vllm.search.aggregate import DECISION_RULES, aggregate_step_scores, decide
 from ttc_vllm.search.options import SearchOptions
 from ttc_vllm.search.protocols import (
     Accounting, Candidate, Completion, ExtractAnswer, SearchResult, StepGenerator,
     StepParams, StepScorer, Trace,
 )
 
-DECISION_RULES = ("majority", "weighted_vote", "best_of_n")
 
 
 class SearchContext:
@@ -127,11 +126,8 @@ class SearchContext:
             raise ValueError(f"unknown decision rule {rule!r}")
         candidates = [replace(c, answer=self._answer(c)) for c in candidates]
         answers = [c.answer for c in candidates]
-        if rule == "majority":
-            index = majority_vote(answers)
-        else:
-            weights = [c.score if c.score is not None else 0.0 for c in candidates]
-            index = (weighted_vote if rule == "weighted_vote" else best_of_n)(answers, weights)
+        weights = [c.score if c.score is not None else 0.0 for c in candidates]
+        index = decide(rule, answers, weights)
         if index is None and candidates:  # nobody answered: report the best-scored trace
             index = max(range(len(candidates)),
                         key=lambda i: candidates[i].score if candidates[i].score is not None else 0.0)
