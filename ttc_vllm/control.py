@@ -154,9 +154,11 @@ def scan_think_state(history: torch.Tensor, lengths: torch.Tensor, markers: Mark
 def scan_think_ids(history: Sequence[int], markers: Markers) -> tuple[int, int]:
     """`scan_think_state` of one host token list (V1 admission): two reverse searches at
     C speed instead of ~10 small tensor ops."""
+    backwards = list(reversed(history))   # one copy for both searches
+
     def last(token: int) -> int:
         try:
-            return len(history) - 1 - history[::-1].index(token)
+            return len(history) - 1 - backwards.index(token)
         except ValueError:
             return -1
 
