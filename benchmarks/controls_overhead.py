@@ -80,9 +80,11 @@ def main() -> None:
         n = sum(len(x) for x in toks)
         # Both sides must do the same work: every request runs to max_tokens.
         short = sum(len(x) != a.max_tokens for x in toks)
+        thinking[arm] = sum(x.index(ids.think_end) if ids.think_end in x else len(x) for x in toks) / max(n, 1)
         return n / dt, n, short
 
     cpu: dict[str, list[float]] = {arm: [] for arm in arms}
+    thinking: dict[str, float] = {}   # share of generated tokens before `</think>` (last round)
     for arm in arms:   # warm-up round (allocations, first-touch of the controller's tensors)
         run(arm)
     tput: dict[str, list[float]] = {arm: [] for arm in arms}
@@ -117,10 +119,13 @@ def main() -> None:
     if target is not None:
         print(f"\ntarget: {TARGET_ARM} >= 0.97x plain -> {target['ratio_median']:.3f}x: {'MET' if met else 'NOT MET'}")
     print(f"requests that did not run to max_tokens: {short_total} (must be 0)")
+    print(f"share of generated tokens that are thinking (before </think>): {thinking['plain']:.1%}; "
+          "the halting passes run on thinking rows only, so this share sets their cost")
     path = cc.write_result("controls_overhead", {
         "model": cc.model_name(a), "step_backend": backend, "batch": a.batch, "max_tokens": a.max_tokens, "rounds": a.rounds,
         "arms": {arm: ARMS[arm] for arm in arms}, "rows": rows, "short_requests": short_total,
-        "target": {"arm": TARGET_ARM, "ratio_min": 0.97, "met": met}, "seconds": round(time.time() - t0, 1),
+        "target": {"arm": TARGET_ARM, "ratio_min": 0.97, "met": met},
+        "thinking_token_share": thinking, "seconds": round(time.time() - t0, 1),
         "load_average_1m_after": os.getloadavg()[0],
         "marker_ids": {"think_start": ids.think_start, "think_end": ids.think_end},
     })

@@ -2,6 +2,7 @@
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -554,3 +555,58 @@ def test_stop_ids_outside_the_vocabulary_are_ignored(backend):
     c.add(0, params(min_think=4, max_extensions=0, suppress_ids=(EOS, V + 1000, 10**9)))
     out = greedy_run(c, [0], 6, lambda t, i, o: END)[0]
     assert END not in out[:4] and out[4] == END     # </think> blocked below min_think only
+
+
+def test_kernel_vocabulary_passes_on_a_row_subset():
+    """With `rows`, only those rows are computed, equal to the full passes there; the
+    other rows are zeros (the kernel never reads them)."""
+    from ttc_vllm import control_cpu
+
+    x = torch.randn(7, V, generator=torch.Generator().manual_seed(3)) * 3
+    full = control_cpu.vocabulary_passes(x, need_top=True, need_entropy=True)
+    rows = np.array([5, 1, 2], dtype=np.int64)
+    part = control_cpu.vocabulary_passes(x, need_top=True, need_entropy=True, rows=rows)
+    others = np.array([0, 3, 4, 6])
+    for got, want in zip(part, full):
+        np.testing.assert_allclose(got[rows], want[rows], rtol=1e-6)
+        assert not got[others].any()
+    none = control_cpu.vocabulary_passes(x, need_top=False, need_entropy=False, rows=rows[:0])
+    assert none[0].shape == (7, 0) and not none[1].any()
+
+
+def test_signal_rows_drop_answering_and_done_rows_but_keep_reopening_ones():
+    """The numba step runs the vocabulary passes only on halting rows that may think
+    after this step. Rows that answer or are done drop out; a row reopening thinking with
+    `<think>`, and a row being forced a continuation back into thinking, stay in -- and
+    their signals then match the eager torch step."""
+    from ttc_vllm import control_cpu
+
+    pair = [ctrl(4, backend="numba"), ctrl(4, backend="eager")]
+    h = halting_params(tau=1e6)
+    for c in pair:
+        c.add(0, params(halting=h))                                # thinking
+        c.add(1, params(halting=h, phase=C.PHASE_ANSWERING))       # answering; reopens below
+        c.add(2, params(halting=h, phase=C.PHASE_ANSWERING))       # answering, stays
+        c.add(3, params(halting=h, min_think=5, max_extensions=2))  # will be forced "Wait"
+    slots = torch.tensor([0, 1, 2, 3])
+    outs = [[WORD], [WORD], [WORD], [WORD]]
+    views = pair[0]._views or control_cpu.state_views(pair[0])
+    for t in range(6):
+        last = torch.tensor([o[-1] for o in outs])
+        need = control_cpu.needs_signal(views[0], np.arange(4), slots.numpy(), last.numpy(), START)
+        if t == 1:
+            assert set(need.tolist()) == {0, 1, 3}
+        assert 2 not in need.tolist()
+        lg = torch.randn(4, V, generator=torch.Generator().manual_seed(t))
+        lg[3, END] = 9.0                                             # slot 3 keeps trying to end
+        got = [c.step(lg.clone(), slots, last, torch.tensor([len(o) for o in outs])) for c in pair]
+        assert torch.equal(got[0], got[1])
+        assert torch.equal(pair[0].ints[:4], pair[1].ints[:4])
+        torch.testing.assert_close(pair[0].floats[:4], pair[1].floats[:4], rtol=1e-5, atol=1e-5)
+        views = pair[0]._views
+        for i in range(4):
+            outs[i].append(START if (i == 1 and t == 0) else int(got[0][i].argmax()))
+    assert pair[1].record(1).phase == "thinking" and pair[1].record(2).phase == "answering"
+    assert pair[1].record(3).extensions >= 1
+    # the reopened row's last pending signal is its last logits' confidence, not zero
+    assert pair[0].floats[1, C.F_PENDING].item() > 0

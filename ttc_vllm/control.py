@@ -356,14 +356,17 @@ class ThinkingController:
             rows_np = self._arange
         else:
             rows_np = _int64_numpy(rows)
-        # Passes over the whole vocabulary run vectorized before the kernel.
+        slots_np, last_np = _int64_numpy(slots), _int64_numpy(last)
+        # Passes over the whole vocabulary run vectorized before the kernel, on the rows
+        # that may still be thinking after this step (the others never use their signal).
         x = logits.numpy()
         if self._mode == HALT_OFF:
             top, lse, neg_ent = x[:, :0], self._no_rows, self._no_rows
         else:
+            need = cpu.needs_signal(self._views[0], rows_np, slots_np, last_np, self.markers.think_start)
             top, lse, neg_ent = cpu.vocabulary_passes(logits, bool(self._mode & HALT_CONFIDENCE),
-                                                      bool(self._mode & HALT_ENTROPY))
-        cpu.step_kernel(x, top, lse, neg_ent, rows_np, _int64_numpy(slots), _int64_numpy(last),
+                                                      bool(self._mode & HALT_ENTROPY), need)
+        cpu.step_kernel(x, top, lse, neg_ent, rows_np, slots_np, last_np,
                         _int64_numpy(out_len), self.markers.think_start, self.markers.think_end,
                         *self._views)
 
@@ -433,15 +436,6 @@ class ThinkingController:
         min_think = st[:, C_MIN]
         trig = torch.zeros_like(budget_hit)
         if mode != HALT_OFF:
-            raw, top_ids, top_lp = H.raw_signal(
-                sub, st[:, C_SIGNAL], st[:, C_HTOPK].clamp(1, H.MAX_TOP_K),
-                need_confidence=bool(mode & HALT_CONFIDENCE), need_entropy=bool(mode & HALT_ENTROPY),
-                need_top=bool(mode & HALT_SAMPLED))
-            self.floats[s, F_PENDING] = raw.float()
-            if top_ids is not None:
-                k = top_ids.shape[1]
-                self.top_ids[s, :k] = top_ids
-                self.top_logprobs[s, :k] = top_lp
             f, fvalid = self.windows.value(s)
             eligible = (free & h_on & ~budget_hit & (count1 >= st[:, C_HMIN])
                         & (count1 >= min_think))
@@ -464,6 +458,20 @@ class ThinkingController:
         reason = torch.where(budget_hit, REASON_BUDGET,
                              torch.where(trig, torch.where(h_stop, REASON_STOP, REASON_HALT), reason))
         hstep = torch.where(ended, count1, hstep)
+        if mode != HALT_OFF:
+            # The signal of these logits is pushed next step only if the row is then
+            # thinking: other rows keep their old pending values (the CPU kernel skips
+            # their vocabulary passes).
+            raw, top_ids, top_lp = H.raw_signal(
+                sub, st[:, C_SIGNAL], st[:, C_HTOPK].clamp(1, H.MAX_TOP_K),
+                need_confidence=bool(mode & HALT_CONFIDENCE), need_entropy=bool(mode & HALT_ENTROPY),
+                need_top=bool(mode & HALT_SAMPLED))
+            keep = ph2 == PHASE_THINKING
+            self.floats[s, F_PENDING] = torch.where(keep, raw.float(), fl[:, F_PENDING])
+            if top_ids is not None:
+                k = top_ids.shape[1]
+                self.top_ids[s, :k] = torch.where(keep[:, None], top_ids, self.top_ids[s, :k])
+                self.top_logprobs[s, :k] = torch.where(keep[:, None], top_lp, self.top_logprobs[s, :k])
 
         # 3. Write the state back (one scatter per matrix).
         st = st.clone()

@@ -169,13 +169,6 @@ def step_kernel(logits, top_desc, lse, neg_entropy, rows, slots, last, out_len, 
         min_think = st[MIN]
         trig = False
         if h_on:
-            top_k = max(1, min(st[HTOPK], MAX_TOP_K))
-            raw = _row_signal(x, top_desc[row], lse[row], neg_entropy[row], signal, top_k, vals, idx)
-            floats[s, PENDING] = raw
-            if signal == S_SAMPLED:
-                for j in range(k_all):
-                    top_ids[s, j] = idx[j]
-                    top_logprobs[s, j] = vals[j]
             cnt = w_cnt[s]
             if (cnt > 0 and free and not budget_hit and count1 >= st[HMIN]
                     and count1 >= min_think):
@@ -214,6 +207,16 @@ def step_kernel(logits, top_desc, lse, neg_entropy, rows, slots, last, out_len, 
             reason, hstep = R_BUDGET, count1
         elif trig:
             reason, hstep = (R_STOP if h_stop else R_HALT), count1
+        # The signal of these logits is pushed next step only if the row is then thinking
+        # (`needs_signal` picked a superset of those rows for the vocabulary passes).
+        if h_on and ph2 == THINKING:
+            top_k = max(1, min(st[HTOPK], MAX_TOP_K))
+            raw = _row_signal(x, top_desc[row], lse[row], neg_entropy[row], signal, top_k, vals, idx)
+            floats[s, PENDING] = raw
+            if signal == S_SAMPLED:
+                for j in range(k_all):
+                    top_ids[s, j] = idx[j]
+                    top_logprobs[s, j] = vals[j]
 
         # 3. Write the state back.
         st[PHASE], st[COUNT], st[KIND], st[FPOS] = ph2, count1, kind2, fpos2
@@ -242,12 +245,37 @@ def step_kernel(logits, top_desc, lse, neg_entropy, rows, slots, last, out_len, 
 SORT_MAX_VOCAB = 4096
 
 
-def vocabulary_passes(logits, need_top: bool, need_entropy: bool):
+def needs_signal(ints, rows, slots, last, think_start: int):
+    """The logits rows ([N] int64) whose signal the kernel may use: halting
+    slots that are thinking, being forced (a continuation hands back to thinking) or
+    reopening thinking with this token. A superset of the rows the kernel computes a
+    signal for (those thinking after the step); done and answering rows drop out."""
+    s = slots[slots >= 0]
+    r = rows[slots >= 0]
+    ph = ints[s, PHASE]
+    keep = (ints[s, HON] > 0) & ((ph == THINKING) | (ph == FORCING) | (last[slots >= 0] == think_start))
+    return r[keep]
+
+
+def vocabulary_passes(logits, need_top: bool, need_entropy: bool, rows=None):
     """(descending top-20 logits [B, <=20], log-sum-exp [B], -H [B]) of CPU logits [B, V],
     vectorized: torch's SIMD exp, numpy's sort (small V) or torch's top-k (large V).
-    Unneeded parts are empty or aliases."""
+    Unneeded parts are empty or aliases. With `rows` ([N] int64) only those rows are
+    computed; the other rows of the results are zeros."""
     import torch
 
+    b = logits.shape[0]
+    if rows is not None and rows.shape[0] < b:
+        k = min(MAX_TOP_K, logits.shape[1])
+        top = np.zeros((b, k if need_top else 0), np.float32)
+        lse = np.zeros(b, np.float32)
+        neg_ent = np.zeros(b, np.float32) if need_entropy else lse
+        if rows.shape[0]:
+            part = vocabulary_passes(logits.index_select(0, torch.from_numpy(rows)), need_top, need_entropy)
+            top[rows], lse[rows] = part[0], part[1]
+            if need_entropy:
+                neg_ent[rows] = part[2]
+        return top, lse, neg_ent
     lse_t = torch.logsumexp(logits, dim=-1)
     lse = lse_t.numpy()
     neg_ent = H.neg_entropy(logits, lse_t).numpy() if need_entropy else lse
