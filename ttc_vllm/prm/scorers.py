@@ -104,7 +104,10 @@ class PRMConfig(BaseModel):
 
         values: dict[str, Any] = dict(kind="pooling", model=str(model or prm_path()),
                                       step_tag=STEP_TAG, good_label=1, input_format="token_ids")
-        values.update(overrides)
+        # float32 always: its hand-set layers carry a 1e5 constant (prm_circuit), beyond
+        # float16, which vLLM's "auto" picks for float32 pooling models
+        engine = {"dtype": "float32", **overrides.pop("engine_kwargs", {})}
+        values.update(overrides, engine_kwargs=engine)
         return cls(**values)
 
 
@@ -196,6 +199,11 @@ def step_scores(rows: Sequence[Sequence[float]], tag_positions: Sequence[int],
     out = []
     for pos in step_positions:
         logits = [float(x) for x in rows[row_of[pos]]]
+        if not all(math.isfinite(v) for v in logits):
+            # e.g. a float32 model served in float16 (vLLM's "auto" for pooling models)
+            raise RuntimeError(f"PRM returned non-finite logits {logits}: its activations overflow "
+                               "the engine's dtype; run it in float32 (engine_kwargs "
+                               "{\"dtype\": \"float32\"}, or `vllm serve ... --dtype float32`)")
         if len(logits) == 1:
             out.append(1.0 / (1.0 + math.exp(-logits[0])))
             continue

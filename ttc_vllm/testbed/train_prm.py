@@ -36,6 +36,7 @@ are compared with this module's torch forward. Everything lands in DIR/training.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -132,18 +133,31 @@ def soft_step_loss(logits, targets):
     return -(targets * logp[:, 1] + (1 - targets) * logp[:, 0]).mean()
 
 
-def build_model(policy_dir: Path, extra_layers: int = 0):
+def build_model(policy_dir: Path, extra_layers: int = 0, body: str = "layers"):
     """A Qwen2 PRM in torch: the policy's transformer (+ `extra_layers` new layers on top) and
     vLLM's score head. New layers start as copies of the policy's last layer with their output
     projections zeroed, so the PRM's hidden states start equal to the policy's. Returns
     (model, config, teacher): `teacher(ids, base_hidden)` is the frozen policy's next-token
-    log-probs from the policy layers' output (None when extra_layers == 0)."""
+    log-probs from the policy layers' output (None when extra_layers == 0).
+
+    `body="circuit"`: the hand-set slip detector of `prm_circuit` instead (frozen; only the
+    score head trains, from its ramp initialisation; no teacher)."""
     import copy
 
     import torch
     from torch import nn
     from transformers import Qwen2ForCausalLM, Qwen2Model
 
+    if body == "circuit":
+        from ttc_vllm.testbed import prm_circuit
+
+        backbone, config, dims = prm_circuit.build(policy_dir)
+        model = _prm_class()(backbone, config.hidden_size, config.num_hidden_layers)
+        prm_circuit.head_init(model.score, dims)
+        model.circuit_dims = dims
+        return model, config, None
+    if body != "layers":
+        raise ValueError(f"body must be 'layers' or 'circuit', got {body!r}")
     policy = Qwen2ForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
     base_layers = policy.config.num_hidden_layers
     config = copy.deepcopy(policy.config)
@@ -162,25 +176,7 @@ def build_model(policy_dir: Path, extra_layers: int = 0):
                     new.zero_()  # the new layer adds nothing to the residual stream yet
                 state[f"layers.{base_layers + k}." + name[len(last):]] = new
     backbone.load_state_dict(state)
-
-    class Qwen2PRM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = backbone
-            self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2))
-            self.base_layers = base_layers
-            self._base = None
-            backbone.layers[base_layers - 1].register_forward_hook(self._keep_base)
-
-        def _keep_base(self, module, args, output):
-            self._base = output[0] if isinstance(output, tuple) else output
-
-        def forward(self, input_ids, attention_mask=None, return_base: bool = False):
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logits = self.score(hidden)
-            return (logits, self._base) if return_base else logits
-
-    model = Qwen2PRM()
+    model = _prm_class()(backbone, h, base_layers)
     teacher = None
     if extra_layers:
         for p in list(model.model.embed_tokens.parameters()) + [
@@ -193,6 +189,33 @@ def build_model(policy_dir: Path, extra_layers: int = 0):
             with torch.no_grad():
                 return torch.log_softmax(norm(base_hidden) @ head.T, dim=-1)
     return model, config, teacher
+
+
+@functools.cache
+def _prm_class():
+    from torch import nn
+
+    class Qwen2PRM(nn.Module):
+        """A Qwen2 body and vLLM's score head; `return_base` also gives the residual after
+        the first `base_layers` layers (the policy's, for the teacher)."""
+
+        def __init__(self, backbone, hidden: int, base_layers: int):
+            super().__init__()
+            self.model = backbone
+            self.score = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+            self.base_layers = base_layers
+            self._base = None
+            backbone.layers[base_layers - 1].register_forward_hook(self._keep_base)
+
+        def _keep_base(self, module, args, output):
+            self._base = output[0] if isinstance(output, tuple) else output
+
+        def forward(self, input_ids, attention_mask=None, return_base: bool = False):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = self.score(hidden)
+            return (logits, self._base) if return_base else logits
+
+    return Qwen2PRM
 
 
 def surprise_targets(logp, ids, tag_id: int, completion_mask, floor: float = 0.2):
@@ -334,7 +357,7 @@ def completion_mask(lengths: Sequence[int], prompt_lengths: Sequence[int], width
 def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minutes: float,
           batch: int, lr: float, seed: int, threads: int, holdout: float, verify: bool,
           extra_layers: int = 2, aux_weight: float = 0.5, label: str = "hard",
-          surprise_floor: float = 0.2) -> dict[str, Any]:
+          surprise_floor: float = 0.2, body: str = "layers") -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
@@ -345,7 +368,7 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
         part = traces_from_rows(read_jsonl(path))
         data.extend(part)
         source.extend([str(path)] * len(part))
-    model, config, teacher = build_model(policy_dir, extra_layers)
+    model, config, teacher = build_model(policy_dir, extra_layers, body)
     use_aux = teacher is not None and aux_weight > 0
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     tag_id, eos_id = _tag_and_eos(policy_dir)
@@ -363,14 +386,27 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     head = [p for n, p in trainable if n.startswith("score.")]
-    body = [p for n, p in trainable if not n.startswith("score.")]
-    opt = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": lr * 3}],
-                            weight_decay=0.01)
+    body_params = [p for n, p in trainable if not n.startswith("score.")]
+    groups = [{"params": body_params, "lr": lr}] if body_params else []
+    opt = torch.optim.AdamW(groups + [{"params": head, "lr": lr * 3}], weight_decay=0.01)
     total_steps = epochs * math.ceil(len(train_items) / batch)
     base = [g["lr"] for g in opt.param_groups]
     curve_idx = sorted(random.Random(seed).sample(test_idx, min(EVAL_TRACES_PER_EPOCH, len(test_idx))))
     t0, step, curve = time.time(), 0, []
     best: tuple[float, int, dict | None] = (-1.0, 0, None)
+    fit = None
+    if body == "circuit":   # a frozen body: one pass for P, then the monotone head fit
+        from ttc_vllm.testbed import prm_circuit
+
+        pools = []
+        for chunk in batches(train_items, 64, None):
+            pools.append(prm_circuit.pool_at(model.model, model.circuit_dims,
+                                             *collate([x for x, _, _ in chunk], pad_id)))
+        targets = torch.tensor([m for _, ms, _ in train_items for m in ms], dtype=torch.float32)
+        fit = prm_circuit.fit_head(model.score, model.circuit_dims, torch.cat(pools), targets)
+        epochs = 0
+        best = (validation_auc(predict(model, [inputs[i] for i in val_idx], pad_id),
+                               [data[i] for i in val_idx], label), 0, None)
     for epoch in range(epochs):
         model.train()
         for chunk in batches(train_items, batch, rng):
@@ -420,7 +456,8 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
     record: dict[str, Any] = {
         "labels": [str(p) for p in labels], "policy": str(policy_dir), "seed": seed,
         "epochs_run": len(curve), "steps": step, "batch": batch, "lr": lr,
-        "extra_layers": extra_layers, "aux_weight": aux_weight if use_aux else 0.0, "label": label,
+        "body": body, "head_fit": fit, "extra_layers": extra_layers if body == "layers" else 0,
+        "aux_weight": aux_weight if use_aux else 0.0, "label": label,
         "surprise_floor": surprise_floor,
         "seconds": round(train_s, 1), "params": sum(p.numel() for p in model.parameters()),
         "train_traces": len(train_idx), "val_traces": len(val_idx), "test_traces": len(test_idx),
@@ -464,6 +501,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="surprise targets are min(1, r / floor): r at or above the floor counts as on track")
     ap.add_argument("--label", choices=["hard", "soft"], default="hard",
                     help="targets from MC values: hard = any rollout right (HE), soft = the value (SE)")
+    ap.add_argument("--body", choices=["layers", "circuit"], default="layers",
+                    help="layers = --extra-layers trained on the frozen policy; circuit = the "
+                         "hand-set slip detector of prm_circuit (only the score head trains)")
     ap.add_argument("--no-verify", action="store_true", help="skip the vLLM load/score check")
     a = ap.parse_args(argv)
     if a.extra_layers < 0 or a.aux_weight < 0:
@@ -472,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--surprise-floor must be in (0, 1]")
     rec = train(a.labels, a.policy, a.out, a.epochs, a.minutes, a.batch, a.lr, a.seed,
                 a.threads, a.holdout, not a.no_verify, a.extra_layers, a.aux_weight, a.label,
-                a.surprise_floor)
+                a.surprise_floor, a.body)
     print(json.dumps({k: v for k, v in rec.items() if k != "curve"}))
     return rec
 

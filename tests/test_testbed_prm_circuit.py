@@ -1,0 +1,137 @@
+"""The hand-set PRM body (`prm_circuit`) against the policy it is compiled from, in torch."""
+import math
+import random
+
+import pytest
+import torch
+
+from ttc_vllm.testbed import policy_path
+from ttc_vllm.testbed import prm_circuit as pc
+from ttc_vllm.testbed.task import STEP_TAG, generate, prompt, solve
+
+
+@pytest.fixture(scope="module")
+def circuit():
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    body, cfg, dims = pc.build(policy_path())
+    policy = Qwen2ForCausalLM.from_pretrained(str(policy_path()), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(policy_path()))
+    return body, dims, policy, tok
+
+
+def trace_ids(tok, problem, steps):
+    text = prompt(problem) + "\n" + "".join(f"{s}{STEP_TAG}\n" for s in steps)
+    ids = tok.encode(text, add_special_tokens=False)
+    tag = tok.convert_tokens_to_ids(STEP_TAG)
+    return torch.tensor([ids]), [i for i, t in enumerate(ids) if t == tag]
+
+
+def correct_steps(problem, seed):
+    return solve(problem, random.Random(seed), overthink_prob=0.0).steps
+
+
+def slipped(steps, k):
+    """Step k with the last digit of its sum changed (an arithmetic slip)."""
+    lhs, total = steps[k].split("=")
+    bad = total[:-1] + str((int(total[-1]) + 3) % 10)
+    return steps[:k] + [f"{lhs}={bad}"] + steps[k + 1:]
+
+
+def reference_gap(policy, ids, s_ids, j_ids, think_id):
+    """sum over v in S of relu(z_v - z_token)^2 from the policy's logits at t-1, at completion
+    positions whose token is in J; 0 elsewhere."""
+    with torch.no_grad():
+        z = policy(input_ids=ids).logits[0]
+    zs = z[:-1][:, s_ids]
+    zx = z[:-1].gather(1, ids[0, 1:, None])[:, 0]
+    g = torch.zeros(ids.shape[1])
+    g[1:] = (torch.relu(zs - zx[:, None]) ** 2).sum(-1)
+    after = torch.cumsum((ids[0] == think_id).long(), 0) > 0
+    in_j = torch.isin(ids[0], torch.tensor(j_ids))
+    return torch.where(after & in_j, g, torch.zeros_like(g)), after
+
+
+def test_policy_stream_is_the_policy_and_logits_are_copied_one_position_on(circuit):
+    body, dims, policy, tok = circuit
+    problem = generate("medium", 1, 11)[0]
+    ids, _ = trace_ids(tok, problem, correct_steps(problem, 1))
+    with torch.no_grad():
+        out = body(input_ids=ids, output_hidden_states=True)
+        ref = policy(input_ids=ids, output_hidden_states=True)
+    n = policy.config.num_hidden_layers
+    # the first 192 dims after the policy layers = the policy's residual (HF's last hidden
+    # state of the policy is after its final norm)
+    torch.testing.assert_close(out.hidden_states[n - 1][0, :, dims.policy], ref.hidden_states[n - 1][0],
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(policy.model.norm(out.hidden_states[n][0, :, dims.policy]),
+                               ref.hidden_states[n][0], rtol=1e-4, atol=1e-4)
+    s_ids = list(dims.logits)
+    copied = out.hidden_states[n + 1][0][:, list(dims.logits.values())]
+    torch.testing.assert_close(copied[1:], ref.logits[0, :-1, s_ids], rtol=1e-4, atol=1e-3)
+
+
+def test_gap_flag_and_compression_match_the_policy(circuit):
+    body, dims, policy, tok = circuit
+    s_ids, j_ids = list(dims.logits), list(dims.one_hot)
+    think = tok.convert_tokens_to_ids("<think>")
+    for seed, problem in enumerate(generate("hard", 3, 5)):
+        steps = correct_steps(problem, seed)
+        for variant in (steps, slipped(steps, 1)):
+            ids, _ = trace_ids(tok, problem, variant)
+            with torch.no_grad():
+                g, flag, g_comp, _ = pc.features(body, dims, ids)
+            want, after = reference_gap(policy, ids, s_ids, j_ids, think)
+            # SiLU(4z) z / 4 is relu(z)^2 up to ~0.1 near z = 0
+            assert (g[0][after] - want[after]).abs().max() < 0.1 + 0.01 * want.max()
+            assert torch.equal(flag[0][~after], torch.zeros_like(flag[0][~after]))
+            assert (flag[0][after] - 1).abs().max() < 1e-4
+            # the question's digits (huge gaps: never sampled) add nothing
+            assert torch.equal(g_comp[0][~after], torch.zeros_like(g_comp[0][~after]))
+            torch.testing.assert_close(g_comp[0][after], pc.compress(g[0][after]), atol=0.03, rtol=0)
+
+
+def test_pool_is_a_soft_running_max(circuit):
+    body, dims, policy, tok = circuit
+    problem = generate("hard", 1, 8)[0]
+    ids, _ = trace_ids(tok, problem, slipped(correct_steps(problem, 2), 3))
+    with torch.no_grad():
+        _, _, g_comp, pool = pc.features(body, dims, ids)
+    running = torch.cummax(g_comp[0], 0).values
+    t = torch.arange(1, ids.shape[1] + 1, dtype=torch.float32)
+    assert (pool[0] <= running + 1e-3).all()
+    assert (pool[0] >= running - (torch.log(t) + 1) / pc.POOL_SCORE).all()
+    assert running[-1] > 1.0   # the slip registers
+
+
+def test_a_slip_lowers_this_and_every_later_step_score_only(circuit):
+    from torch import nn
+
+    body, dims, policy, tok = circuit
+    head = nn.Sequential(nn.Linear(pc.HIDDEN, pc.HIDDEN), nn.ReLU(), nn.Linear(pc.HIDDEN, 2))
+    pc.head_init(head, dims)
+
+    def scores(ids, tags):
+        with torch.no_grad():
+            return torch.softmax(head(body(input_ids=ids).last_hidden_state[0, tags]), -1)[:, 1]
+
+    lowered = 0
+    for seed, problem in enumerate(generate("medium", 4, 21)):
+        steps = correct_steps(problem, seed)
+        k = len(steps) // 2
+        good, bad = scores(*trace_ids(tok, problem, steps)), scores(*trace_ids(tok, problem, slipped(steps, k)))
+        torch.testing.assert_close(bad[:k], good[:k], rtol=1e-4, atol=1e-4)   # before the slip: same
+        assert (bad[k:] < good[k:] - 0.05).all()
+        lowered += 1
+    assert lowered == 4
+    assert not math.isnan(float(good.sum()))
+
+
+def test_build_refuses_a_policy_of_another_shape(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=272, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="testbed policy's shape"):
+        pc.build(tmp_path, completion_tokens=([1, 2], [1], 3))
