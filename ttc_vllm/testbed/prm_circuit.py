@@ -7,10 +7,11 @@ learned that comparison from MC labels (held-out AUC stuck near 0.80; see
 `ttc_vllm/testbed/README.md`), but three hand-set layers compute it. The score head stays
 a trained `Linear -> ReLU -> Linear` (`train_prm --body circuit` fits it on the MC labels).
 
-Layout (hidden 384 = the policy's 192 + feature dims; 12 heads of 32, 4 KV heads):
-  layers 0..n-1  the policy, block-embedded: the policy's weights on the first 192 dims,
-                 norm weights / sqrt(2) and eps / 2, so those dims carry exactly its residual
-                 stream (the other dims stay ~1e-3 and do not move its RMS norms).
+Layout (hidden 256 = the policy's 192 + 59 feature dims; 8 heads of 32, 2 KV heads):
+  layers 0..n-1  the policy, block-embedded: the policy's weights on the first 192 dims
+                 (its query heads 0-2 / 3-5 on heads 0-2 / 4-6, so each keeps its KV head),
+                 norm weights x sqrt(192/256) and eps x 192/256, so those dims carry exactly
+                 its residual stream (the other dims stay ~1e-3: they do not move its norms).
   embedding      also writes 1e-3 x a one-hot of the token (for the completion tokens J
                  the gap is taken at, and for `<think>`).
   layer n        attention: a previous-token head (query/key biases whose RoPE phases peak
@@ -41,7 +42,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-HIDDEN, HEAD_DIM, HEADS, KV_HEADS, FFN = 384, 32, 12, 4, 768
+HIDDEN, HEAD_DIM, HEADS, KV_HEADS, FFN = 256, 32, 8, 2, 704
 ONE_HOT_SCALE = 1e-3      # token one-hots, small enough not to move the policy's norms
 K_CONST = 1e5             # the constant that dominates the norms from the compare layer on
 G_SCALE = 1e-3            # G and P are stored x 1e-3 so they never rival K
@@ -65,7 +66,7 @@ def testbed_tokens(tokenizer) -> tuple[list[int], list[int], int]:
 
 
 class Dims:
-    """Where each feature lives in the 384-wide residual stream."""
+    """Where each feature lives in the 256-wide residual stream."""
 
     def __init__(self, base: int, s: Sequence[int], j: Sequence[int]):
         self.policy = slice(0, base)
@@ -102,7 +103,7 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
     policy = Qwen2ForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
     pc = policy.config
     base, heads, kv = pc.hidden_size, pc.num_attention_heads, pc.num_key_value_heads
-    if base // heads != HEAD_DIM or heads > 6 or kv > 2 or heads % kv or heads // kv != HEADS // KV_HEADS:
+    if (base, heads, kv) != (192, 6, 2):
         raise ValueError("the circuit expects the testbed policy's shape (192 wide, 6 heads of 32, 2 KV heads)")
     s, j, think = completion_tokens or testbed_tokens(AutoTokenizer.from_pretrained(str(policy_dir)))
     d = Dims(base, s, j)
@@ -113,7 +114,8 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
     cfg.head_dim, cfg.intermediate_size = HEAD_DIM, FFN
     cfg.num_hidden_layers = n + 3
     cfg.layer_types = ["full_attention"] * cfg.num_hidden_layers
-    cfg.rms_norm_eps = pc.rms_norm_eps / 2   # mean over 384 dims = the policy's mean / 2
+    share = base / HIDDEN
+    cfg.rms_norm_eps = pc.rms_norm_eps * share   # mean over 256 dims = the policy's mean x 192/256
     cfg.tie_word_embeddings = False
     ps = policy.state_dict()
     zeros = torch.zeros
@@ -124,7 +126,8 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
         emb[t, col] = ONE_HOT_SCALE
     emb[think, d.think] = ONE_HOT_SCALE
     st["embed_tokens.weight"] = emb
-    half = 1 / math.sqrt(2)
+    norm_scale = math.sqrt(share)
+    policy_q = [h + h // 3 for h in range(heads)]   # policy query head -> circuit query head
 
     def blank(layer: int) -> str:
         o = f"layers.{layer}."
@@ -143,32 +146,38 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
     def head(h: int) -> slice:
         return slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
 
-    # the policy, block-embedded (its query heads 0..5 keep their KV heads 0..1: 3 per KV head)
+    # the policy, block-embedded (circuit query heads 3 and 7 stay zero: their output is unused)
     for layer in range(n):
         p, o = f"model.layers.{layer}.", blank(layer)
         for name in ("input_layernorm", "post_attention_layernorm"):
-            st[o + name + ".weight"][d.policy] = ps[p + name + ".weight"] * half
-        for name in ("q_proj", "k_proj", "v_proj"):
+            st[o + name + ".weight"][d.policy] = ps[p + name + ".weight"] * norm_scale
+        for name in ("k_proj", "v_proj"):
             w = ps[p + f"self_attn.{name}.weight"]
             st[o + f"self_attn.{name}.weight"][: w.shape[0], d.policy] = w
             st[o + f"self_attn.{name}.bias"][: w.shape[0]] = ps[p + f"self_attn.{name}.bias"]
-        st[o + "self_attn.o_proj.weight"][d.policy, : heads * HEAD_DIM] = ps[p + "self_attn.o_proj.weight"]
+        for h, ch in enumerate(policy_q):
+            src = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+            st[o + "self_attn.q_proj.weight"][head(ch), d.policy] = ps[p + "self_attn.q_proj.weight"][src]
+            st[o + "self_attn.q_proj.bias"][head(ch)] = ps[p + "self_attn.q_proj.bias"][src]
+            st[o + "self_attn.o_proj.weight"][d.policy, head(ch)] = ps[p + "self_attn.o_proj.weight"][:, src]
         for name in ("gate_proj", "up_proj"):
             st[o + f"mlp.{name}.weight"][: pc.intermediate_size, d.policy] = ps[p + f"mlp.{name}.weight"]
         st[o + "mlp.down_proj.weight"][d.policy, : pc.intermediate_size] = ps[p + "mlp.down_proj.weight"]
 
-    # layer n: previous-token copy of the S logits (q head 6 / KV head 2), K (q head 7)
+    # layer n: previous-token copy of the S logits (query head 0 on KV head 0), K (query head 1)
     o = blank(n)
-    st[o + "input_layernorm.weight"][d.policy] = ps["model.norm.weight"] * half   # = the policy's final norm
+    st[o + "input_layernorm.weight"][d.policy] = ps["model.norm.weight"] * norm_scale   # = its final norm
     q, k = previous_token_qk()
-    st[o + "self_attn.q_proj.bias"][head(6)] = q
-    st[o + "self_attn.k_proj.bias"][head(2)] = k
+    st[o + "self_attn.q_proj.bias"][head(0)] = q
+    st[o + "self_attn.k_proj.bias"][head(0)] = k
     lm_head = ps["lm_head.weight"]
+    if len(s) >= HEAD_DIM:
+        raise ValueError(f"{len(s)} completion tokens do not fit one {HEAD_DIM}-dim head")
     for i, t in enumerate(s):
-        st[o + "self_attn.v_proj.weight"][2 * HEAD_DIM + i, d.policy] = lm_head[t]
-        st[o + "self_attn.o_proj.weight"][d.logits[t], 6 * HEAD_DIM + i] = 1.0
-    st[o + "self_attn.v_proj.bias"][2 * HEAD_DIM + len(s)] = K_CONST
-    st[o + "self_attn.o_proj.weight"][d.k, 7 * HEAD_DIM + len(s)] = 1.0
+        st[o + "self_attn.v_proj.weight"][i, d.policy] = lm_head[t]
+        st[o + "self_attn.o_proj.weight"][d.logits[t], i] = 1.0
+    st[o + "self_attn.v_proj.bias"][len(s)] = K_CONST
+    st[o + "self_attn.o_proj.weight"][d.k, HEAD_DIM + len(s)] = 1.0
     st[o + "post_attention_layernorm.weight"][[*d.one_hot.values(), *d.logits.values(), d.k]] = 1.0
     gate, up, down = (st[o + f"mlp.{x}_proj.weight"] for x in ("gate", "up", "down"))
     unit = 0
@@ -179,7 +188,7 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
             gate[unit, d.logits[tv]] += GATE_SLOPE / kappa
             gate[unit, d.logits[tj]] -= GATE_SLOPE / kappa
             gate[unit, d.one_hot[tj]] += GATE_OFF / (ONE_HOT_SCALE * kappa)
-            gate[unit, d.k] -= GATE_OFF / math.sqrt(HIDDEN)          # K after the norm ~ sqrt(384)
+            gate[unit, d.k] -= GATE_OFF / math.sqrt(HIDDEN)          # K after the norm ~ sqrt(256)
             up[unit, d.logits[tv]] += 1 / kappa
             up[unit, d.logits[tj]] -= 1 / kappa
             down[d.g, unit] = G_SCALE / GATE_SLOPE
@@ -187,15 +196,14 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
     if unit > FFN:
         raise ValueError(f"{unit} gap units do not fit {FFN}")
 
-    # layer n+1: the completion flag (q head 9 / KV head 3), then flag x log-compressed G
+    # layer n+1: the completion flag (query head 0 / KV head 0), then flag x log-compressed G
     o = blank(n + 1)
     st[o + "input_layernorm.weight"][[d.think, d.k]] = 1.0
     slow = HEAD_DIM // 2 - 1     # the slowest RoPE pair: ~position-independent content scores
-    st[o + "self_attn.q_proj.bias"][9 * HEAD_DIM + slow] = 1.0
-    st[o + "self_attn.k_proj.weight"][3 * HEAD_DIM + slow, d.think] = (
-        THINK_SCORE * math.sqrt(HEAD_DIM) / (ONE_HOT_SCALE * kappa))
-    st[o + "self_attn.v_proj.weight"][3 * HEAD_DIM, d.think] = 1 / (ONE_HOT_SCALE * kappa)
-    st[o + "self_attn.o_proj.weight"][d.flag, 9 * HEAD_DIM] = 1.0
+    st[o + "self_attn.q_proj.bias"][slow] = 1.0
+    st[o + "self_attn.k_proj.weight"][slow, d.think] = THINK_SCORE * math.sqrt(HEAD_DIM) / (ONE_HOT_SCALE * kappa)
+    st[o + "self_attn.v_proj.weight"][0, d.think] = 1 / (ONE_HOT_SCALE * kappa)
+    st[o + "self_attn.o_proj.weight"][d.flag, 0] = 1.0
     st[o + "post_attention_layernorm.weight"][[d.flag, d.g, d.k]] = 1.0
     # clamp(x, 0, 1) = relu(x) - relu(x - 1), each relu(x) ~ SiLU(a x) / a; the flag multiplies
     # (the up projection), so prompt positions (flag exactly 0) add nothing however large G is
@@ -209,10 +217,10 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
     # layer n+2: soft max of G over the prefix
     o = blank(n + 2)
     st[o + "input_layernorm.weight"][[d.g_comp, d.k]] = 1.0
-    st[o + "self_attn.q_proj.bias"][9 * HEAD_DIM + slow] = 1.0
-    st[o + "self_attn.k_proj.weight"][3 * HEAD_DIM + slow, d.g_comp] = POOL_SCORE * math.sqrt(HEAD_DIM) / kappa
-    st[o + "self_attn.v_proj.weight"][3 * HEAD_DIM, d.g_comp] = 1 / kappa
-    st[o + "self_attn.o_proj.weight"][d.pool, 9 * HEAD_DIM] = 1.0
+    st[o + "self_attn.q_proj.bias"][slow] = 1.0
+    st[o + "self_attn.k_proj.weight"][slow, d.g_comp] = POOL_SCORE * math.sqrt(HEAD_DIM) / kappa
+    st[o + "self_attn.v_proj.weight"][0, d.g_comp] = 1 / kappa
+    st[o + "self_attn.o_proj.weight"][d.pool, 0] = 1.0
     st["norm.weight"] = zeros(HIDDEN)
     st["norm.weight"][[d.pool, d.k]] = 1.0
 

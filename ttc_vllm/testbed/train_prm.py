@@ -1,10 +1,16 @@
 """Train the testbed PRM: a `Qwen2ForProcessRewardModel` on Monte-Carlo step labels.
 
     python -m ttc_vllm.testbed.train_prm --labels LABELS.jsonl [MORE.jsonl ...] --policy POLICY_DIR
-        --out DIR [--minutes M] [--epochs E] [--extra-layers L] [--aux-weight W]
-        [--label hard|soft] [--no-verify]
+        --out DIR [--body circuit|layers] [--minutes M] [--epochs E] [--extra-layers L]
+        [--aux-weight W] [--label hard|soft] [--no-verify]
 
-Model: the trained policy's transformer, frozen, plus `--extra-layers` new layers on top
+`--body circuit` (the default, the shipped PRM): the body is `prm_circuit`'s hand-set slip detector over
+the policy (frozen; nothing to learn there), and training is one pass over the training
+split for its pooled slip feature, then `prm_circuit.fit_head`: a monotone calibration of
+that feature against the MC targets below, written into the score head. Held-out AUC 0.875.
+
+`--body layers` (the earlier PRM, AUC 0.80): the trained policy's transformer,
+frozen, plus `--extra-layers` new layers on top
 (copies of its last layer whose output projections start at zero, so training starts from
 the policy's own hidden states), and vLLM's score head Linear(h, h) -> ReLU -> Linear(h, 2),
 both with bias (vLLM's ColumnParallelLinear / RowParallelLinear default to bias=True).
@@ -13,7 +19,8 @@ Why new layers: a step is wrong when the policy wrote a token it did not expect 
 The policy "knows" that only in its next-token distribution at the position BEFORE the slip;
 probes show its hidden state at the step tag does not carry it. Reading "prediction at t-1 vs
 token at t" and then pooling that over the trace into the tag takes two more attention layers
-than the policy has. With --extra-layers 0 the whole policy is fine-tuned instead.
+than the policy has. With --extra-layers 0 the whole policy is fine-tuned instead. (Trained
+from MC labels they learn "digit positions are risky", not the comparison: AUC ~0.80.)
 
 Loss: soft-label cross entropy at the tag closing each step, target [1 - y, y] (column 1 =
 good) with y from the step's MC value: `--label hard` (default; Math-Shepherd HE) y = 1 when
@@ -357,7 +364,7 @@ def completion_mask(lengths: Sequence[int], prompt_lengths: Sequence[int], width
 def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minutes: float,
           batch: int, lr: float, seed: int, threads: int, holdout: float, verify: bool,
           extra_layers: int = 2, aux_weight: float = 0.5, label: str = "hard",
-          surprise_floor: float = 0.2, body: str = "layers") -> dict[str, Any]:
+          surprise_floor: float = 0.2, body: str = "circuit") -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
@@ -501,9 +508,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="surprise targets are min(1, r / floor): r at or above the floor counts as on track")
     ap.add_argument("--label", choices=["hard", "soft"], default="hard",
                     help="targets from MC values: hard = any rollout right (HE), soft = the value (SE)")
-    ap.add_argument("--body", choices=["layers", "circuit"], default="layers",
-                    help="layers = --extra-layers trained on the frozen policy; circuit = the "
-                         "hand-set slip detector of prm_circuit (only the score head trains)")
+    ap.add_argument("--body", choices=["circuit", "layers"], default="circuit",
+                    help="circuit (the shipped PRM) = the hand-set slip detector of prm_circuit, "
+                         "only the score head is fitted; layers = --extra-layers trained on the "
+                         "frozen policy (the earlier PRM)")
     ap.add_argument("--no-verify", action="store_true", help="skip the vLLM load/score check")
     a = ap.parse_args(argv)
     if a.extra_layers < 0 or a.aux_weight < 0:
