@@ -24,14 +24,19 @@ Layout (hidden 256 = the policy's 192 + 59 feature dims; 8 heads of 32, 2 KV hea
                  between what the policy expected and what was sampled (0 when the sampled
                  token was its top choice).
   layer n+1      attention to `<think>` (a content key on the slowest RoPE pair) gives a 0/1
-                 "in the completion" flag; the MLP multiplies it into G (the question's
-                 digits were never sampled).
-  layer n+2      attention with scores 8 x G pools a soft maximum of G over the prefix into
+                 "in the completion" flag (the question's digits were never sampled); the
+                 MLP writes flag x a log compression of G (~log3(G / 0.1), 0..10: clamp
+                 ramps, so the pool's scores and the head's inputs stay bounded).
+  layer n+2      attention with scores 8 x that pools a soft maximum over the prefix into
                  P: how badly the trace slipped anywhere so far.
-  final norm     keeps P and K only; the head reads P through fixed ramps (see `head_init`).
+  final norm     keeps P and K only; the head reads P through ramps relu(P - t_k), and
+                 `fit_head` fits it as a monotone function of P.
 
-Offline (fp32, held-out steps, exact labels): the running max of G scores AUC 0.876 and the
-soft max 0.874, against 0.883 for the exact log-prob margin (benchmarks/prm_signals.py
+It needs float32: K and the gate offsets are beyond float16 (`PRMConfig.testbed()` asks for
+float32; vLLM's "auto" would pick float16 for a pooling model).
+
+Offline (fp32, held-out steps, exact labels, before the compression): the running max of G
+scores AUC 0.876 and a soft max 0.874, against 0.883 for the exact log-prob margin (benchmarks/prm_signals.py
 measures the served model). The testbed tokenizer fixes S and J; other policies need their
 own token sets (`build(..., completion_tokens=...)`).
 """
