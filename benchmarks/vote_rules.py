@@ -19,7 +19,6 @@ a given k. Prints a table, writes benchmarks/results/<result-name>.json and .png
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

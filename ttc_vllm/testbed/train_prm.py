@@ -148,11 +148,10 @@ def build_model(policy_dir: Path, extra_layers: int = 0, body: str = "layers"):
     log-probs from the policy layers' output (None when extra_layers == 0).
 
     `body="circuit"`: the hand-set slip detector of `prm_circuit` instead (frozen; only the
-    score head trains, from its ramp initialisation; no teacher)."""
+    score head is fitted, by `train` through `prm_circuit.fit_head`; no teacher)."""
     import copy
 
     import torch
-    from torch import nn
     from transformers import Qwen2ForCausalLM, Qwen2Model
 
     if body == "circuit":
