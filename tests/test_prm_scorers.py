@@ -3,6 +3,7 @@ score per step; real-engine checks that vLLM's scores equal a torch forward."""
 import asyncio
 import gc
 import itertools
+import json
 import math
 import os
 from pathlib import Path
@@ -67,6 +68,23 @@ def test_qwen_math_prm_preset():
     assert cfg.model == "Qwen/Qwen2.5-Math-PRM-7B"
     assert extract_question("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nWhat is 2+2?"
                             "<|im_end|>\n<|im_start|>assistant\n", cfg.question_pattern) == "What is 2+2?"
+
+
+def test_a_prm_that_declares_its_dtype_gets_it_and_refuses_another(tmp_path):
+    from ttc_vllm.prm.scorers import REQUIRED_DTYPE_KEY
+
+    (tmp_path / "config.json").write_text(json.dumps({REQUIRED_DTYPE_KEY: "float32"}))
+    assert pooling_llm_kwargs(PRMConfig(kind="pooling", model=str(tmp_path)))["dtype"] == "float32"
+    same = PRMConfig(kind="pooling", model=str(tmp_path), engine_kwargs={"dtype": "float32"})
+    assert pooling_llm_kwargs(same)["dtype"] == "float32"
+    with pytest.raises(ValueError, match="must run in float32.*'float16'"):
+        pooling_llm_kwargs(PRMConfig(kind="pooling", model=str(tmp_path), engine_kwargs={"dtype": "float16"}))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForProcessRewardModel"]}))
+    assert "dtype" not in pooling_llm_kwargs(PRMConfig(kind="pooling", model=str(tmp_path)))
+
+
+def test_the_shipped_testbed_prm_runs_in_float32():
+    assert pooling_llm_kwargs(PRMConfig.testbed())["dtype"] == "float32"
 
 
 def test_pooling_kwargs_per_kind():

@@ -32,10 +32,12 @@ on the testbed this ranks steps better than the trained PRM (benchmarks/prm_sign
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -104,10 +106,7 @@ class PRMConfig(BaseModel):
 
         values: dict[str, Any] = dict(kind="pooling", model=str(model or prm_path()),
                                       step_tag=STEP_TAG, good_label=1, input_format="token_ids")
-        # float32 always: its hand-set layers carry a 1e5 constant (prm_circuit), beyond
-        # float16, which vLLM's "auto" picks for float32 pooling models
-        engine = {"dtype": "float32", **overrides.pop("engine_kwargs", {})}
-        values.update(overrides, engine_kwargs=engine)
+        values.update(overrides)
         return cls(**values)
 
 
@@ -218,12 +217,35 @@ def step_scores(rows: Sequence[Sequence[float]], tag_positions: Sequence[int],
 
 # -- scorers ---------------------------------------------------------------------------------
 
+REQUIRED_DTYPE_KEY = "ttc_vllm_required_dtype"   # in a PRM's config.json (prm_circuit sets it)
+
+
+def required_dtype(model: str) -> str | None:
+    """The dtype a local PRM directory declares it must run in, if any."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get(REQUIRED_DTYPE_KEY)
+    except (OSError, ValueError):
+        return None
+
+
 def pooling_llm_kwargs(config: PRMConfig) -> dict[str, Any]:
-    """vllm.LLM arguments for a PRM config (CPU defaults from ttc_vllm.engine)."""
+    """vllm.LLM arguments for a PRM config (CPU defaults from ttc_vllm.engine). A PRM that
+    declares a required dtype gets it, and a config asking for another one is refused
+    here, before any engine starts (vLLM's "auto" would run a float32 PRM in float16)."""
     from ttc_vllm.engine import engine_kwargs
 
     kwargs = engine_kwargs(config.model, runner="pooling", **config.engine_kwargs)
     kwargs.pop("logits_processors", None)  # pooling models reject logits processors
+    need = required_dtype(config.model)
+    if need is not None:
+        asked = kwargs.get("dtype", "auto")
+        if asked not in ("auto", need):
+            raise ValueError(f"PRM {config.model} must run in {need} (its config.json "
+                             f"{REQUIRED_DTYPE_KEY}); engine_kwargs asks for dtype {asked!r}")
+        kwargs["dtype"] = need
     if config.kind == "token_label":
         from vllm.config import PoolerConfig
 

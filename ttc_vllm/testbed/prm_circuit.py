@@ -32,8 +32,9 @@ Layout (hidden 256 = the policy's 192 + 59 feature dims; 8 heads of 32, 2 KV hea
   final norm     keeps P and K only; the head reads P through ramps relu(P - t_k), and
                  `fit_head` fits it as a monotone function of P.
 
-It needs float32: K and the gate offsets are beyond float16 (`PRMConfig.testbed()` asks for
-float32; vLLM's "auto" would pick float16 for a pooling model).
+It needs float32: K and the gate offsets are beyond float16. Its config.json says so
+(`ttc_vllm_required_dtype`), and `pooling_llm_kwargs` applies it, since vLLM's "auto" would
+pick float16 for a pooling model; `vllm serve` needs `--dtype float32`.
 
 Offline (fp32, held-out steps, exact labels, before the compression): the running max of G
 scores AUC 0.876 and a soft max 0.874, against 0.883 for the exact log-prob margin (benchmarks/prm_signals.py
@@ -122,6 +123,9 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
     share = base / HIDDEN
     cfg.rms_norm_eps = pc.rms_norm_eps * share   # mean over 256 dims = the policy's mean x 192/256
     cfg.tie_word_embeddings = False
+    from ttc_vllm.prm.scorers import REQUIRED_DTYPE_KEY
+
+    setattr(cfg, REQUIRED_DTYPE_KEY, "float32")   # read back by pooling_llm_kwargs
     ps = policy.state_dict()
     zeros = torch.zeros
     st: dict[str, torch.Tensor] = {}
