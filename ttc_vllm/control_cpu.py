@@ -250,11 +250,11 @@ def needs_signal(ints, rows, slots, last, think_start: int):
     slots that are thinking, being forced (a continuation hands back to thinking) or
     reopening thinking with this token. A superset of the rows the kernel computes a
     signal for (those thinking after the step); done and answering rows drop out."""
-    s = slots[slots >= 0]
-    r = rows[slots >= 0]
+    controlled = slots >= 0
+    s = slots[controlled]
     ph = ints[s, PHASE]
-    keep = (ints[s, HON] > 0) & ((ph == THINKING) | (ph == FORCING) | (last[slots >= 0] == think_start))
-    return r[keep]
+    keep = (ints[s, HON] > 0) & ((ph == THINKING) | (ph == FORCING) | (last[controlled] == think_start))
+    return rows[controlled][keep]
 
 
 def vocabulary_passes(logits, need_top: bool, need_entropy: bool, rows=None):

@@ -51,7 +51,8 @@ from typing import Sequence
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS, FFN = 256, 32, 8, 2, 704
 ONE_HOT_SCALE = 1e-3      # token one-hots, small enough not to move the policy's norms
 K_CONST = 1e5             # the constant that dominates the norms from the compare layer on
-G_SCALE = 1e-3            # G and P are stored x 1e-3 so they never rival K
+G_SCALE = 1e-3            # G is stored x 1e-3 so it never rivals K
+KAPPA = math.sqrt(HIDDEN) / K_CONST   # what the K-dominated norms multiply features by
 GATE_SLOPE, GATE_OFF, RAMP_SLOPE = 4.0, 2000.0, 20.0
 THINK_SCORE, POOL_SCORE = 50.0, 8.0
 # G is compressed to ~log3(G / 0.1): sum_k clamp((G - t_k) / (2 t_k), 0, 1), t_k = 0.1 x 3^k
@@ -113,7 +114,6 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
         raise ValueError("the circuit expects the testbed policy's shape (192 wide, 6 heads of 32, 2 KV heads)")
     s, j, think = completion_tokens or testbed_tokens(AutoTokenizer.from_pretrained(str(policy_dir)))
     d = Dims(base, s, j)
-    kappa = math.sqrt(HIDDEN) / K_CONST   # what the K-dominated norms multiply features by
     n = pc.num_hidden_layers
     cfg = copy.deepcopy(pc)
     cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads = HIDDEN, HEADS, KV_HEADS
@@ -194,12 +194,12 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
         for tv in s:
             if tv == tj:
                 continue
-            gate[unit, d.logits[tv]] += GATE_SLOPE / kappa
-            gate[unit, d.logits[tj]] -= GATE_SLOPE / kappa
-            gate[unit, d.one_hot[tj]] += GATE_OFF / (ONE_HOT_SCALE * kappa)
+            gate[unit, d.logits[tv]] += GATE_SLOPE / KAPPA
+            gate[unit, d.logits[tj]] -= GATE_SLOPE / KAPPA
+            gate[unit, d.one_hot[tj]] += GATE_OFF / (ONE_HOT_SCALE * KAPPA)
             gate[unit, d.k] -= GATE_OFF / math.sqrt(HIDDEN)          # K after the norm ~ sqrt(256)
-            up[unit, d.logits[tv]] += 1 / kappa
-            up[unit, d.logits[tj]] -= 1 / kappa
+            up[unit, d.logits[tv]] += 1 / KAPPA
+            up[unit, d.logits[tj]] -= 1 / KAPPA
             down[d.g, unit] = G_SCALE / GATE_SLOPE
             unit += 1
     if unit > FFN:
@@ -210,25 +210,25 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
     st[o + "input_layernorm.weight"][[d.think, d.k]] = 1.0
     slow = HEAD_DIM // 2 - 1     # the slowest RoPE pair: ~position-independent content scores
     st[o + "self_attn.q_proj.bias"][slow] = 1.0
-    st[o + "self_attn.k_proj.weight"][slow, d.think] = THINK_SCORE * math.sqrt(HEAD_DIM) / (ONE_HOT_SCALE * kappa)
-    st[o + "self_attn.v_proj.weight"][0, d.think] = 1 / (ONE_HOT_SCALE * kappa)
+    st[o + "self_attn.k_proj.weight"][slow, d.think] = THINK_SCORE * math.sqrt(HEAD_DIM) / (ONE_HOT_SCALE * KAPPA)
+    st[o + "self_attn.v_proj.weight"][0, d.think] = 1 / (ONE_HOT_SCALE * KAPPA)
     st[o + "self_attn.o_proj.weight"][d.flag, 0] = 1.0
     st[o + "post_attention_layernorm.weight"][[d.flag, d.g, d.k]] = 1.0
     # clamp(x, 0, 1) = relu(x) - relu(x - 1), each relu(x) ~ SiLU(a x) / a; the flag multiplies
     # (the up projection), so prompt positions (flag exactly 0) add nothing however large G is
     for k, t in enumerate(LOG_STEPS):
         for unit, shift, sign in ((2 * k, 0.0, 1.0), (2 * k + 1, 1.0, -1.0)):
-            st[o + "mlp.gate_proj.weight"][unit, d.g] = RAMP_SLOPE / (2 * t * G_SCALE * kappa)
+            st[o + "mlp.gate_proj.weight"][unit, d.g] = RAMP_SLOPE / (2 * t * G_SCALE * KAPPA)
             st[o + "mlp.gate_proj.weight"][unit, d.k] = -RAMP_SLOPE * (0.5 + shift) / math.sqrt(HIDDEN)
-            st[o + "mlp.up_proj.weight"][unit, d.flag] = sign / kappa
+            st[o + "mlp.up_proj.weight"][unit, d.flag] = sign / KAPPA
             st[o + "mlp.down_proj.weight"][d.g_comp, unit] = 1 / RAMP_SLOPE
 
     # layer n+2: soft max of G over the prefix
     o = blank(n + 2)
     st[o + "input_layernorm.weight"][[d.g_comp, d.k]] = 1.0
     st[o + "self_attn.q_proj.bias"][slow] = 1.0
-    st[o + "self_attn.k_proj.weight"][slow, d.g_comp] = POOL_SCORE * math.sqrt(HEAD_DIM) / kappa
-    st[o + "self_attn.v_proj.weight"][0, d.g_comp] = 1 / kappa
+    st[o + "self_attn.k_proj.weight"][slow, d.g_comp] = POOL_SCORE * math.sqrt(HEAD_DIM) / KAPPA
+    st[o + "self_attn.v_proj.weight"][0, d.g_comp] = 1 / KAPPA
     st[o + "self_attn.o_proj.weight"][d.pool, 0] = 1.0
     st["norm.weight"] = zeros(HIDDEN)
     st["norm.weight"][[d.pool, d.k]] = 1.0
@@ -246,14 +246,13 @@ def head_init(score, dims: Dims) -> None:
     (training refits the output layer and the ramps)."""
     import torch
 
-    kappa = math.sqrt(HIDDEN) / K_CONST
     first, last = score[0], score[2]
     with torch.no_grad():
         for m in (first, last):
             m.weight.zero_()
             m.bias.zero_()
         for k, t in enumerate(HEAD_RAMPS):
-            first.weight[k, dims.pool] = 1 / kappa
+            first.weight[k, dims.pool] = 1 / KAPPA
             first.bias[k] = -t
         last.weight[1, 0], last.weight[0, 0] = -0.5, 0.5
         last.bias[1], last.bias[0] = 1.0, -1.0
@@ -296,18 +295,17 @@ def pool_at(body, dims: Dims, ids, mask, rows, cols):
 
     with torch.no_grad():
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-    return hidden[rows, cols, dims.pool] / (math.sqrt(HIDDEN) / K_CONST)
+    return hidden[rows, cols, dims.pool] / KAPPA
 
 
 def features(body, dims: Dims, ids, mask=None):
     """(G, flag, compressed G x flag, P) per position, unscaled: for tests and analysis."""
     out = body(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    kappa = math.sqrt(HIDDEN) / K_CONST
     hs = out.hidden_states
     n = len(hs) - 1
     g = hs[n - 2][..., dims.g] / G_SCALE
     flag, g_comp = hs[n - 1][..., dims.flag], hs[n - 1][..., dims.g_comp]
-    pool = out.last_hidden_state[..., dims.pool] / kappa
+    pool = out.last_hidden_state[..., dims.pool] / KAPPA
     return g, flag, g_comp, pool
 
 
