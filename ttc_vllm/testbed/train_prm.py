@@ -390,18 +390,11 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
     train_items = [(inputs[i], step_targets(data[i].mc_values, label), len(data[i].trace.prompt_ids))
                    for i in train_idx]
 
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    head = [p for n, p in trainable if n.startswith("score.")]
-    body_params = [p for n, p in trainable if not n.startswith("score.")]
-    groups = [{"params": body_params, "lr": lr}] if body_params else []
-    opt = torch.optim.AdamW(groups + [{"params": head, "lr": lr * 3}], weight_decay=0.01)
-    total_steps = epochs * math.ceil(len(train_items) / batch)
-    base = [g["lr"] for g in opt.param_groups]
     curve_idx = sorted(random.Random(seed).sample(test_idx, min(EVAL_TRACES_PER_EPOCH, len(test_idx))))
     t0, step, curve = time.time(), 0, []
     best: tuple[float, int, dict | None] = (-1.0, 0, None)
     fit = None
-    if body == "circuit":   # a frozen body: one pass for P, then the monotone head fit
+    if body == "circuit":   # a frozen body: one pass for P, then the monotone head fit; no epochs
         from ttc_vllm.testbed import prm_circuit
 
         pools = []
@@ -410,9 +403,17 @@ def train(labels: Sequence[Path], policy_dir: Path, out: Path, epochs: int, minu
                                              *collate([x for x, _, _ in chunk], pad_id)))
         targets = torch.tensor([m for _, ms, _ in train_items for m in ms], dtype=torch.float32)
         fit = prm_circuit.fit_head(model.score, model.circuit_dims, torch.cat(pools), targets)
-        epochs = 0
         best = (validation_auc(predict(model, [inputs[i] for i in val_idx], pad_id),
                                [data[i] for i in val_idx], label), 0, None)
+        epochs = 0
+    else:
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        head = [p for n, p in trainable if n.startswith("score.")]
+        body_params = [p for n, p in trainable if not n.startswith("score.")]
+        opt = torch.optim.AdamW([{"params": body_params, "lr": lr}, {"params": head, "lr": lr * 3}],
+                                weight_decay=0.01)
+        total_steps = epochs * math.ceil(len(train_items) / batch)
+        base = [g["lr"] for g in opt.param_groups]
     for epoch in range(epochs):
         model.train()
         for chunk in batches(train_items, batch, rng):
