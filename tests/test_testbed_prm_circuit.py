@@ -80,7 +80,8 @@ def test_gap_flag_and_compression_match_the_policy(circuit):
         for variant in (steps, slipped(steps, 1)):
             ids, _ = trace_ids(tok, problem, variant)
             with torch.no_grad():
-                g, flag, g_comp, _ = pc.features(body, dims, ids)
+                f = pc.features(body, dims, ids)
+            g, flag, g_comp = f["g"], f["flag"], f["g_comp"]
             want, after = reference_gap(policy, ids, s_ids, j_ids, think)
             # SiLU(4z) z / 4 is relu(z)^2 up to ~0.1 near z = 0
             assert (g[0][after] - want[after]).abs().max() < 0.1 + 0.01 * want.max()
@@ -96,7 +97,8 @@ def test_pool_is_a_soft_running_max(circuit):
     problem = generate("hard", 1, 8)[0]
     ids, _ = trace_ids(tok, problem, slipped(correct_steps(problem, 2), 3))
     with torch.no_grad():
-        _, _, g_comp, pool = pc.features(body, dims, ids)
+        f = pc.features(body, dims, ids)
+    g_comp, pool = f["g_comp"], f["pool"]
     running = torch.cummax(g_comp[0], 0).values
     t = torch.arange(1, ids.shape[1] + 1, dtype=torch.float32)
     assert (pool[0] <= running + 1e-3).all()
@@ -135,3 +137,61 @@ def test_build_refuses_a_policy_of_another_shape(tmp_path):
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="testbed policy's shape"):
         pc.build(tmp_path, completion_tokens=([1, 2], [1], 3))
+
+
+def steps_using(used):
+    """Arithmetically correct step lines adding `used` in that order (terms may be wrong)."""
+    acc, lines = used[0], []
+    for term in used[1:]:
+        lines.append(f"{acc}+{term}={acc + term}")
+        acc += term
+    return lines
+
+
+def term_flags(circuit, problem, lines):
+    """(term pool at each step tag, term flag at every position) for a trace."""
+    body, dims, _, tok = circuit
+    ids, tags = trace_ids(tok, problem, lines)
+    with torch.no_grad():
+        f = pc.features(body, dims, ids)
+    return f["term_pool"][0, tags], f["term"][0]
+
+
+def test_term_check_passes_every_correct_trace_with_checks_and_repeated_values(circuit):
+    from ttc_vllm.testbed.task import Problem
+
+    problems = [*generate("easy", 4, 3), *generate("medium", 4, 3), *generate("hard", 4, 3),
+                Problem((512, 77, 512, 9)), Problem((5, 15, 5, 5)), Problem((120, 20, 12, 2))]
+    for seed, problem in enumerate(problems):
+        trace = solve(problem, random.Random(seed), overthink_prob=1.0)
+        pool, flag = term_flags(circuit, problem, trace.steps + trace.checks)
+        assert len(pool) == len(trace.steps) + len(trace.checks)
+        assert pool.abs().max() < 1e-3, (problem.terms, trace.steps)
+        assert flag.abs().max() < 1e-3
+
+
+def test_term_check_flags_a_reused_or_misread_term_from_its_step_on(circuit):
+    from ttc_vllm.testbed.task import Problem
+
+    rng = random.Random(4)
+    for problem in generate("hard", 6, 9):
+        order = list(problem.terms)
+        rng.shuffle(order)
+        k = rng.randrange(2, len(order))                 # the step whose term goes wrong
+        reused = order[:k] + [order[rng.randrange(k)]] + order[k + 1:]   # one term twice, one never
+        misread = order[:k] + [order[k] + 1 if order[k] % 10 != 9 else order[k] - 1] + order[k + 1:]
+        misread_first = [order[0] + 10 if order[0] < 990 else order[0] - 10] + order[1:]
+        for used, first_bad in ((reused, k - 1), (misread, k - 1), (misread_first, 0)):
+            if sorted(used) == sorted(problem.terms):
+                continue
+            pool, _ = term_flags(circuit, problem, steps_using(used))
+            assert (pool[:first_bad].abs() < 1e-3).all(), (problem.terms, used)
+            assert (pool[first_bad:] > 0.99).all(), (problem.terms, used)
+    # a value the question has twice may be used twice, not three times
+    problem = Problem((512, 77, 512, 9))
+    assert term_flags(circuit, problem, steps_using([512, 9, 512, 77]))[0].abs().max() < 1e-3
+    pool, _ = term_flags(circuit, problem, steps_using([512, 9, 512, 512]))
+    assert (pool[:2].abs() < 1e-3).all() and pool[2] > 0.99
+    # a 4-digit running sum that ends in a term's digits is not a use of that term
+    problem = Problem((442, 600, 400, 1))
+    assert term_flags(circuit, problem, steps_using([600, 400, 442, 1]))[0].abs().max() < 1e-3

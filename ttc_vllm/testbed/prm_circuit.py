@@ -48,16 +48,24 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-HIDDEN, HEAD_DIM, HEADS, KV_HEADS, FFN = 256, 32, 8, 2, 704
+HIDDEN, HEAD_DIM, HEADS, KV_HEADS, FFN = 384, 64, 6, 2, 704
+ROPE_THETA = 1e8          # with 64-dim heads: pairs 0-15 turn exactly like the policy's 32-dim
+                          # heads (theta_i = 10^(-i/4)); pairs 16-31 turn <= 1e-4 rad/token
+POLICY_HEAD_DIM = 32
 ONE_HOT_SCALE = 1e-3      # token one-hots, small enough not to move the policy's norms
 K_CONST = 1e5             # the constant that dominates the norms from the compare layer on
 G_SCALE = 1e-3            # G is stored x 1e-3 so it never rivals K
 KAPPA = math.sqrt(HIDDEN) / K_CONST   # what the K-dominated norms multiply features by
 GATE_SLOPE, GATE_OFF, RAMP_SLOPE = 4.0, 2000.0, 20.0
 THINK_SCORE, POOL_SCORE = 50.0, 8.0
+COUNT_SCORE = 30.0        # the '=' count and "check" flag heads
+AND_SLOPE = 40.0          # SiLU(40 x 0.5) / 20 = 1 - 2e-9: a 0/1 AND of 0/1 inputs
+MATCH_SCORE = 100.0       # x (number of equal digit slots): one digit off costs >= 19 logits
+TERM_POOL_SCORE = 20.0
 # G is compressed to ~log3(G / 0.1): sum_k clamp((G - t_k) / (2 t_k), 0, 1), t_k = 0.1 x 3^k
 LOG_STEPS = tuple(0.1 * 3 ** k for k in range(10))
 HEAD_RAMPS = tuple(0.5 * k for k in range(20))   # score head unit k = relu(P - t_k)
+TERM_UNIT = len(HEAD_RAMPS)                       # score head unit reading the term flag
 
 
 def testbed_tokens(tokenizer) -> tuple[list[int], list[int], int]:
@@ -72,8 +80,15 @@ def testbed_tokens(tokenizer) -> tuple[list[int], list[int], int]:
     return s, [t for t in s if t != tag], int(tokenizer.convert_tokens_to_ids(THINK_START))
 
 
+def term_tokens(tokenizer) -> dict:
+    """Token ids the term check reads: the ten digits, '+', '=', and the 'k' of "check "
+    (only check lines contain it)."""
+    one = lambda c: tokenizer.encode(c, add_special_tokens=False)[0]  # noqa: E731
+    return {"digits": [one(str(i)) for i in range(10)], "plus": one("+"), "eq": one("="), "check": one("k")}
+
+
 class Dims:
-    """Where each feature lives in the 256-wide residual stream."""
+    """Where each feature lives in the residual stream."""
 
     def __init__(self, base: int, s: Sequence[int], j: Sequence[int]):
         self.policy = slice(0, base)
@@ -81,28 +96,44 @@ class Dims:
         self.think = base + len(j)
         self.logits = {t: self.think + 1 + i for i, t in enumerate(s)}
         self.k = self.think + 1 + len(s)
-        self.g, self.flag, self.g_comp, self.pool = self.k + 1, self.k + 2, self.k + 3, self.k + 4
-        if self.pool >= HIDDEN:
+        nxt = iter(range(self.k + 1, HIDDEN))
+        self.g, self.flag, self.g_comp, self.pool = (next(nxt) for _ in range(4))
+        # term check: the '=' count and check flag; the tokens at t-1..t-3 as (cos, sin,
+        # is digit, is not digit); the masked codes of slots 2 and 3 (cos, sin, END); the
+        # key value, the query mask, the match, the flag and its pool
+        self.eq_count, self.check = next(nxt), next(nxt)
+        self.raw = [[next(nxt) for _ in range(4)] for _ in range(3)]
+        self.code = [self.raw[0][:2]] + [[next(nxt) for _ in range(3)] for _ in range(2)]
+        self.value, self.query, self.match, self.term, self.term_pool = (next(nxt) for _ in range(5))
+        if self.term_pool >= HIDDEN - 1:
             raise ValueError(f"{len(s)} completion tokens do not fit the {HIDDEN}-wide stream")
 
 
-def previous_token_qk(scale: float = 364.0, pairs: int = 5, decay: float = 0.8):
-    """Query and key biases (one head) whose RoPE score sum_i a_i cos(theta_i (d - 1)) peaks
-    at distance d = 1: 40+ logits above every other distance below 600 tokens, so softmax
-    puts ~all weight on the previous position."""
+def rope_frequencies():
     import torch
 
-    theta = 10000.0 ** (-torch.arange(HEAD_DIM // 2, dtype=torch.float64) * 2 / HEAD_DIM)
+    return ROPE_THETA ** (-torch.arange(HEAD_DIM // 2, dtype=torch.float64) * 2 / HEAD_DIM)
+
+
+def previous_token_qk(distance: int = 1, scale: float = 364.0 * math.sqrt(HEAD_DIM / POLICY_HEAD_DIM),
+                      pairs: int = 5, decay: float = 0.8):
+    """Query and key biases (one head) whose RoPE score sum_i a_i cos(theta_i (d - distance))
+    peaks at d = distance: ~40 logits above every other distance below 600 tokens, so softmax
+    puts ~all weight on the position `distance` back. The key does not depend on the distance."""
+    import torch
+
+    theta = rope_frequencies()
     q = torch.zeros(HEAD_DIM, dtype=torch.float64)
     k = torch.zeros(HEAD_DIM, dtype=torch.float64)
     for i in range(pairs):
         amp = math.sqrt(scale * decay ** i)
         k[i] = amp
-        q[i], q[i + HEAD_DIM // 2] = amp * math.cos(theta[i]), -amp * math.sin(theta[i])
+        q[i], q[i + HEAD_DIM // 2] = amp * math.cos(theta[i] * distance), -amp * math.sin(theta[i] * distance)
     return q.float(), k.float()
 
 
-def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] | None = None):
+def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] | None = None,
+          terms: dict | None = None):
     """(Qwen2Model body, config, dims): the circuit over the policy in `policy_dir`."""
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM, Qwen2Model
@@ -112,16 +143,24 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
     base, heads, kv = pc.hidden_size, pc.num_attention_heads, pc.num_key_value_heads
     if (base, heads, kv) != (192, 6, 2):
         raise ValueError("the circuit expects the testbed policy's shape (192 wide, 6 heads of 32, 2 KV heads)")
-    s, j, think = completion_tokens or testbed_tokens(AutoTokenizer.from_pretrained(str(policy_dir)))
+    theta = (getattr(pc, "rope_parameters", None) or {}).get("rope_theta", getattr(pc, "rope_theta", None))
+    if theta != 10000.0:
+        raise ValueError(f"the circuit expects the policy's RoPE theta 10000, got {theta}")
+    if completion_tokens is None or terms is None:
+        tok = AutoTokenizer.from_pretrained(str(policy_dir))
+        completion_tokens = completion_tokens or testbed_tokens(tok)
+        terms = terms or term_tokens(tok)
+    s, j, think = completion_tokens
     d = Dims(base, s, j)
     n = pc.num_hidden_layers
     cfg = copy.deepcopy(pc)
     cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads = HIDDEN, HEADS, KV_HEADS
     cfg.head_dim, cfg.intermediate_size = HEAD_DIM, FFN
-    cfg.num_hidden_layers = n + 3
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": ROPE_THETA}
+    cfg.num_hidden_layers = n + 4
     cfg.layer_types = ["full_attention"] * cfg.num_hidden_layers
     share = base / HIDDEN
-    cfg.rms_norm_eps = pc.rms_norm_eps * share   # mean over 256 dims = the policy's mean x 192/256
+    cfg.rms_norm_eps = pc.rms_norm_eps * share   # mean over HIDDEN dims = the policy's mean x 192/HIDDEN
     cfg.tie_word_embeddings = False
     from ttc_vllm.prm.scorers import REQUIRED_DTYPE_KEY
 
@@ -136,7 +175,9 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
     emb[think, d.think] = ONE_HOT_SCALE
     st["embed_tokens.weight"] = emb
     norm_scale = math.sqrt(share)
-    policy_q = [h + h // 3 for h in range(heads)]   # policy query head -> circuit query head
+    one_hot = lambda t: d.one_hot[t]  # noqa: E731
+    big = 1 / (ONE_HOT_SCALE * KAPPA)   # reads a one-hot dim back as 0/1 after a K-dominated norm
+    const = 1 / math.sqrt(HIDDEN)       # reads K after such a norm as 1
 
     def blank(layer: int) -> str:
         o = f"layers.{layer}."
@@ -155,20 +196,34 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
     def head(h: int) -> slice:
         return slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
 
-    # the policy, block-embedded (circuit query heads 3 and 7 stay zero: their output is unused)
+    def at(h: int, i: int) -> int:
+        return h * HEAD_DIM + i
+
+    # A policy head's RoPE pair i (dims i, i + 16) sits on pair i (dims i, i + 32) of a
+    # 64-dim head, which turns at the same frequency; queries x sqrt(2) undo the 1/sqrt(64)
+    # scaling. Query heads keep their index, so each keeps its KV head (3 per KV head).
+    half = POLICY_HEAD_DIM // 2
+    rope_rows = torch.tensor([i if i < half else i + HEAD_DIM // 2 - half for i in range(POLICY_HEAD_DIM)])
+    q_scale = math.sqrt(HEAD_DIM / POLICY_HEAD_DIM)
     for layer in range(n):
         p, o = f"model.layers.{layer}.", blank(layer)
         for name in ("input_layernorm", "post_attention_layernorm"):
             st[o + name + ".weight"][d.policy] = ps[p + name + ".weight"] * norm_scale
-        for name in ("k_proj", "v_proj"):
-            w = ps[p + f"self_attn.{name}.weight"]
-            st[o + f"self_attn.{name}.weight"][: w.shape[0], d.policy] = w
-            st[o + f"self_attn.{name}.bias"][: w.shape[0]] = ps[p + f"self_attn.{name}.bias"]
-        for h, ch in enumerate(policy_q):
-            src = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
-            st[o + "self_attn.q_proj.weight"][head(ch), d.policy] = ps[p + "self_attn.q_proj.weight"][src]
-            st[o + "self_attn.q_proj.bias"][head(ch)] = ps[p + "self_attn.q_proj.bias"][src]
-            st[o + "self_attn.o_proj.weight"][d.policy, head(ch)] = ps[p + "self_attn.o_proj.weight"][:, src]
+        for h in range(heads):
+            src, dst = slice(h * POLICY_HEAD_DIM, (h + 1) * POLICY_HEAD_DIM), h * HEAD_DIM + rope_rows
+            st[o + "self_attn.q_proj.weight"][dst[:, None], torch.arange(base)] = \
+                ps[p + "self_attn.q_proj.weight"][src] * q_scale
+            st[o + "self_attn.q_proj.bias"][dst] = ps[p + "self_attn.q_proj.bias"][src] * q_scale
+            st[o + "self_attn.o_proj.weight"][d.policy, h * HEAD_DIM: h * HEAD_DIM + POLICY_HEAD_DIM] = \
+                ps[p + "self_attn.o_proj.weight"][:, src]
+        for h in range(kv):
+            src = slice(h * POLICY_HEAD_DIM, (h + 1) * POLICY_HEAD_DIM)
+            dst = h * HEAD_DIM + rope_rows
+            st[o + "self_attn.k_proj.weight"][dst[:, None], torch.arange(base)] = ps[p + "self_attn.k_proj.weight"][src]
+            st[o + "self_attn.k_proj.bias"][dst] = ps[p + "self_attn.k_proj.bias"][src]
+            v = slice(h * HEAD_DIM, h * HEAD_DIM + POLICY_HEAD_DIM)
+            st[o + "self_attn.v_proj.weight"][v, d.policy] = ps[p + "self_attn.v_proj.weight"][src]
+            st[o + "self_attn.v_proj.bias"][v] = ps[p + "self_attn.v_proj.bias"][src]
         for name in ("gate_proj", "up_proj"):
             st[o + f"mlp.{name}.weight"][: pc.intermediate_size, d.policy] = ps[p + f"mlp.{name}.weight"]
         st[o + "mlp.down_proj.weight"][d.policy, : pc.intermediate_size] = ps[p + "mlp.down_proj.weight"]
@@ -186,7 +241,7 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
         st[o + "self_attn.v_proj.weight"][i, d.policy] = lm_head[t]
         st[o + "self_attn.o_proj.weight"][d.logits[t], i] = 1.0
     st[o + "self_attn.v_proj.bias"][len(s)] = K_CONST
-    st[o + "self_attn.o_proj.weight"][d.k, HEAD_DIM + len(s)] = 1.0
+    st[o + "self_attn.o_proj.weight"][d.k, at(1, len(s))] = 1.0
     st[o + "post_attention_layernorm.weight"][[*d.one_hot.values(), *d.logits.values(), d.k]] = 1.0
     gate, up, down = (st[o + f"mlp.{x}_proj.weight"] for x in ("gate", "up", "down"))
     unit = 0
@@ -196,8 +251,8 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
                 continue
             gate[unit, d.logits[tv]] += GATE_SLOPE / KAPPA
             gate[unit, d.logits[tj]] -= GATE_SLOPE / KAPPA
-            gate[unit, d.one_hot[tj]] += GATE_OFF / (ONE_HOT_SCALE * KAPPA)
-            gate[unit, d.k] -= GATE_OFF / math.sqrt(HIDDEN)          # K after the norm ~ sqrt(256)
+            gate[unit, d.one_hot[tj]] += GATE_OFF * big
+            gate[unit, d.k] -= GATE_OFF * const
             up[unit, d.logits[tv]] += 1 / KAPPA
             up[unit, d.logits[tj]] -= 1 / KAPPA
             down[d.g, unit] = G_SCALE / GATE_SLOPE
@@ -205,33 +260,133 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
     if unit > FFN:
         raise ValueError(f"{unit} gap units do not fit {FFN}")
 
-    # layer n+1: the completion flag (query head 0 / KV head 0), then flag x log-compressed G
+    # layer n+1, attention. KV head 0, content keys on the slowest RoPE pairs (position-free):
+    # head 0 the completion flag (attend to `<think>`), head 1 the '=' count (n / (n + 1) over
+    # the '=' so far with `<think>` as the sink: 1/2 inside the first step line, >= 2/3
+    # after), head 2 the check flag (0 until a "check" line, >= 1/2 from then on).
+    # KV head 1: heads 3-5 copy the token at t-1, t-2, t-3 as (cos, sin) of its digit on a
+    # circle of ten, is-digit, is-not-digit.
     o = blank(n + 1)
-    st[o + "input_layernorm.weight"][[d.think, d.k]] = 1.0
+    st[o + "input_layernorm.weight"][[d.think, d.k, *d.one_hot.values()]] = 1.0
+    wq, bq = st[o + "self_attn.q_proj.weight"], st[o + "self_attn.q_proj.bias"]
+    wk, bk = st[o + "self_attn.k_proj.weight"], st[o + "self_attn.k_proj.bias"]
+    wv, bv = st[o + "self_attn.v_proj.weight"], st[o + "self_attn.v_proj.bias"]
+    wo = st[o + "self_attn.o_proj.weight"]
     slow = HEAD_DIM // 2 - 1     # the slowest RoPE pair: ~position-independent content scores
-    st[o + "self_attn.q_proj.bias"][slow] = 1.0
-    st[o + "self_attn.k_proj.weight"][slow, d.think] = THINK_SCORE * math.sqrt(HEAD_DIM) / (ONE_HOT_SCALE * KAPPA)
-    st[o + "self_attn.v_proj.weight"][0, d.think] = 1 / (ONE_HOT_SCALE * KAPPA)
-    st[o + "self_attn.o_proj.weight"][d.flag, 0] = 1.0
-    st[o + "post_attention_layernorm.weight"][[d.flag, d.g, d.k]] = 1.0
+    root = math.sqrt(HEAD_DIM)
+    bq[at(0, slow)] = 1.0
+    wk[slow, d.think] = THINK_SCORE * root * big
+    wv[0, d.think] = big
+    wo[d.flag, at(0, 0)] = 1.0
+    for h, (pair, token, out) in enumerate(((slow - 1, terms["eq"], d.eq_count),
+                                            (slow - 2, terms["check"], d.check)), start=1):
+        bq[at(h, pair)] = 1.0
+        wk[pair, one_hot(token)] = wk[pair, d.think] = COUNT_SCORE * root * big
+        wv[h, one_hot(token)] = big
+        wo[out, at(h, h)] = 1.0
+    _, k = previous_token_qk()
+    bk[head(1)] = k
+    for i, digit in enumerate(terms["digits"]):
+        angle = 2 * math.pi * i / 10
+        wv[at(1, 0), one_hot(digit)] = math.cos(angle) * big
+        wv[at(1, 1), one_hot(digit)] = math.sin(angle) * big
+        wv[at(1, 2), one_hot(digit)] = big
+        wv[at(1, 3), one_hot(digit)] = -big
+    bv[at(1, 3)] = 1.0
+    for back in range(3):
+        q, _ = previous_token_qk(distance=back + 1)
+        bq[head(3 + back)] = q
+        for c in range(4):
+            wo[d.raw[back][c], at(3 + back, c)] = 1.0
+
+    # layer n+1, MLP: flag x log-compressed G; the masked digit codes; the key value and the
+    # query mask of the term check (0/1 ANDs: SiLU(AND_SLOPE (sum - (m - 1/2))) x 2 / AND_SLOPE)
+    reads = [d.flag, d.g, d.k, d.eq_count, d.check, *sum(d.raw, []), *d.one_hot.values()]
+    st[o + "post_attention_layernorm.weight"][reads] = 1.0
+    gate, up, down = (st[o + f"mlp.{x}_proj.weight"] for x in ("gate", "up", "down"))
     # clamp(x, 0, 1) = relu(x) - relu(x - 1), each relu(x) ~ SiLU(a x) / a; the flag multiplies
     # (the up projection), so prompt positions (flag exactly 0) add nothing however large G is
     for k, t in enumerate(LOG_STEPS):
         for unit, shift, sign in ((2 * k, 0.0, 1.0), (2 * k + 1, 1.0, -1.0)):
-            st[o + "mlp.gate_proj.weight"][unit, d.g] = RAMP_SLOPE / (2 * t * G_SCALE * KAPPA)
-            st[o + "mlp.gate_proj.weight"][unit, d.k] = -RAMP_SLOPE * (0.5 + shift) / math.sqrt(HIDDEN)
-            st[o + "mlp.up_proj.weight"][unit, d.flag] = sign / KAPPA
-            st[o + "mlp.down_proj.weight"][d.g_comp, unit] = 1 / RAMP_SLOPE
+            gate[unit, d.g] = RAMP_SLOPE / (2 * t * G_SCALE * KAPPA)
+            gate[unit, d.k] = -RAMP_SLOPE * (0.5 + shift) * const
+            up[unit, d.flag] = sign / KAPPA
+            down[d.g_comp, unit] = 1 / RAMP_SLOPE
+    unit = 2 * len(LOG_STEPS)
+    and_out = 2 / AND_SLOPE
 
-    # layer n+2: soft max of G over the prefix
+    def and_unit(terms_in: dict[int, float], offset: float, up_dims: dict[int, float], out: dict[int, float]):
+        nonlocal unit
+        for dim, w in terms_in.items():
+            gate[unit, dim] = AND_SLOPE * w * (big if dim in d.one_hot.values() else 1 / KAPPA)
+        gate[unit, d.k] = -AND_SLOPE * offset * const
+        for dim, w in up_dims.items():
+            up[unit, dim] = and_out * w * (const if dim == d.k else 1 / KAPPA)
+        for dim, w in out.items():
+            down[dim, unit] = w
+        unit += 1
+
+    # slot 2 = (cos, sin, END) of t-2 if t-1 is a digit; slot 3 likewise if t-1 and t-2 are
+    isdig = [d.raw[b][2] for b in range(3)]
+    for c in range(3):
+        src = (0, 1, 3)[c]
+        and_unit({isdig[0]: 1.0}, 0.5, {d.raw[1][src]: 1.0}, {d.code[1][c]: 1.0})
+        and_unit({isdig[0]: 1.0, isdig[1]: 1.0}, 1.5, {d.raw[2][src]: 1.0}, {d.code[2][c]: 1.0})
+    plus, eq = one_hot(terms["plus"]), one_hot(terms["eq"])
+    # a question term: '+' or '=' before `<think>` -> value +1
+    and_unit({plus: 1.0, eq: 1.0, d.flag: -1.0}, 0.5, {d.k: 1.0}, {d.value: 1.0})
+    # a used term: in the completion, outside check lines, at '=' (a step's second term) or at
+    # the first step's '+' (its first term) -> value -1, and this position asks the question
+    and_unit({d.flag: 1.0, eq: 1.0, d.check: -2.0}, 1.5, {d.k: 1.0}, {d.value: -1.0, d.query: 1.0})
+    # (first step: '=' count 1/2, later >= 2/3; before `<think>` the count is meaningless and
+    # up to +6 here, which the flag's weight 8 outvotes)
+    and_unit({d.flag: 8.0, plus: 1.0, d.check: -2.0, d.eq_count: -12.0}, 8.5 - 6.0, {d.k: 1.0},
+             {d.value: -1.0, d.query: 1.0})
+
+    # layer n+2: soft max of G over the prefix (head 0); the term match (head 3): the number
+    # ending at t-1 against every '+' / '=' key, scores MATCH_SCORE x equal digit slots,
+    # non-separator keys -2 x MATCH_SCORE. It averages the values of the exact matches:
+    # (question copies - uses so far, this one included) / (their sum): 0 when the term is
+    # used no more often than the question has it, <= -1/5 when it is one use too many
     o = blank(n + 2)
-    st[o + "input_layernorm.weight"][[d.g_comp, d.k]] = 1.0
-    st[o + "self_attn.q_proj.bias"][slow] = 1.0
-    st[o + "self_attn.k_proj.weight"][slow, d.g_comp] = POOL_SCORE * math.sqrt(HEAD_DIM) / KAPPA
-    st[o + "self_attn.v_proj.weight"][0, d.g_comp] = 1 / KAPPA
-    st[o + "self_attn.o_proj.weight"][d.pool, 0] = 1.0
+    code_dims = [x for slot in d.code for x in slot]
+    st[o + "input_layernorm.weight"][[d.g_comp, d.k, d.value, plus, eq, *code_dims]] = 1.0
+    wq, bq = st[o + "self_attn.q_proj.weight"], st[o + "self_attn.q_proj.bias"]
+    wk, bk = st[o + "self_attn.k_proj.weight"], st[o + "self_attn.k_proj.bias"]
+    wv = st[o + "self_attn.v_proj.weight"]
+    wo = st[o + "self_attn.o_proj.weight"]
+    bq[at(0, slow)] = 1.0
+    wk[slow, d.g_comp] = POOL_SCORE * root / KAPPA
+    wv[0, d.g_comp] = 1 / KAPPA
+    wo[d.pool, at(0, 0)] = 1.0
+    first = HEAD_DIM // 2 - 12   # RoPE pairs 20..28: <= 1e-5 rad per token
+    for i, dim in enumerate(code_dims):
+        wq[at(3, first + i), dim] = MATCH_SCORE * root / KAPPA
+        wk[at(1, first + i), dim] = 1 / KAPPA
+    sep = first + len(code_dims)
+    bq[at(3, sep)] = 2 * MATCH_SCORE * root
+    wk[at(1, sep), plus] = wk[at(1, sep), eq] = big
+    bk[at(1, sep)] = -1.0
+    wv[at(1, 0), d.value] = 1 / KAPPA
+    wo[d.match, at(3, 0)] = 1.0
+    # the term flag: query mask x clamp((-match - 0.04) / 0.04, 0, 1)
+    st[o + "post_attention_layernorm.weight"][[d.match, d.query, d.k]] = 1.0
+    gate, up, down = (st[o + f"mlp.{x}_proj.weight"] for x in ("gate", "up", "down"))
+    for unit, shift, sign in ((0, 0.0, 1.0), (1, 1.0, -1.0)):
+        gate[unit, d.match] = -RAMP_SLOPE / (0.04 * KAPPA)
+        gate[unit, d.k] = -RAMP_SLOPE * (1.0 + shift) * const
+        up[unit, d.query] = sign / KAPPA
+        down[d.term, unit] = 1 / RAMP_SLOPE
+
+    # layer n+3: the term flag's running max (soft, scores TERM_POOL_SCORE x flag)
+    o = blank(n + 3)
+    st[o + "input_layernorm.weight"][[d.term, d.k]] = 1.0
+    st[o + "self_attn.q_proj.bias"][at(0, slow)] = 1.0
+    st[o + "self_attn.k_proj.weight"][slow, d.term] = TERM_POOL_SCORE * root / KAPPA
+    st[o + "self_attn.v_proj.weight"][0, d.term] = 1 / KAPPA
+    st[o + "self_attn.o_proj.weight"][d.term_pool, at(0, 0)] = 1.0
     st["norm.weight"] = zeros(HIDDEN)
-    st["norm.weight"][[d.pool, d.k]] = 1.0
+    st["norm.weight"][[d.pool, d.term_pool, d.k]] = 1.0
 
     body = Qwen2Model(cfg)
     body.load_state_dict(st, strict=True)
@@ -242,8 +397,8 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
 
 def head_init(score, dims: Dims) -> None:
     """Score head weights: hidden unit k = relu(P - t_k) read off the normed stream (a
-    piecewise-linear basis on P in [0, 10]); logit(good) - logit(bad) = 2 - P to start
-    (training refits the output layer and the ramps)."""
+    piecewise-linear basis on P in [0, 10]) and unit TERM_UNIT = the term flag's pool T;
+    logit(good) - logit(bad) = 2 - P - 4 T to start (`fit_head` refits the output layer)."""
     import torch
 
     first, last = score[0], score[2]
@@ -254,22 +409,31 @@ def head_init(score, dims: Dims) -> None:
         for k, t in enumerate(HEAD_RAMPS):
             first.weight[k, dims.pool] = 1 / KAPPA
             first.bias[k] = -t
+        first.weight[TERM_UNIT, dims.term_pool] = 1 / KAPPA
         last.weight[1, 0], last.weight[0, 0] = -0.5, 0.5
+        last.weight[1, TERM_UNIT], last.weight[0, TERM_UNIT] = -2.0, 2.0
         last.bias[1], last.bias[0] = 1.0, -1.0
 
 
-def fit_head(score, dims: Dims, pool, targets, steps: int = 400, lr: float = 0.05) -> dict:
-    """Fit the score head as a monotone calibration of P: logit(good) - logit(bad) =
-    b - sum_k w_k relu(P - t_k) with every w_k >= 0 (softplus), by soft-label cross entropy
-    against `targets` (P(good) per step). Monotone, so the head cannot reorder steps by
-    quirks of the labels; it only maps P to a probability. Writes the weights into `score`."""
+def head_basis(features):
+    """[N, 2] (P, T) -> the score head's hidden units [N, len(HEAD_RAMPS) + 1]."""
     import torch
 
-    pool = pool.detach().float()
-    targets = targets.detach().float()
     ramps = torch.tensor(HEAD_RAMPS)
-    basis = torch.relu(pool[:, None] - ramps[None, :])            # [N, R]
-    raw = torch.full((len(HEAD_RAMPS),), -3.0, requires_grad=True)
+    return torch.cat([torch.relu(features[:, :1] - ramps[None, :]), features[:, 1:2].clamp(min=0)], 1)
+
+
+def fit_head(score, dims: Dims, features, targets, steps: int = 400, lr: float = 0.05) -> dict:
+    """Fit the score head as a monotone calibration of (P, T): logit(good) - logit(bad) =
+    b - sum_k w_k relu(P - t_k) - w_T T with every w >= 0 (softplus), by soft-label cross
+    entropy against `targets` (P(good) per step). Monotone, so the head cannot reorder steps
+    by quirks of the labels; it only maps the two compiled signals to a probability. Writes
+    the weights into `score`."""
+    import torch
+
+    basis = head_basis(features.detach().float())
+    targets = targets.detach().float()
+    raw = torch.full((basis.shape[1],), -3.0, requires_grad=True)
     bias = torch.tensor(2.0, requires_grad=True)
     opt = torch.optim.Adam([raw, bias], lr=lr)
     for _ in range(steps):
@@ -282,31 +446,37 @@ def fit_head(score, dims: Dims, pool, targets, steps: int = 400, lr: float = 0.0
     w = torch.nn.functional.softplus(raw).detach()
     last = score[2]
     with torch.no_grad():
-        last.weight[1, : len(HEAD_RAMPS)] = -w / 2
-        last.weight[0, : len(HEAD_RAMPS)] = w / 2
+        last.weight[1, : len(w)] = -w / 2
+        last.weight[0, : len(w)] = w / 2
         last.bias[1], last.bias[0] = bias.detach() / 2, -bias.detach() / 2
     return {"loss": round(loss.item(), 4), "bias": round(bias.item(), 4),
-            "slopes": [round(x, 4) for x in w.tolist()]}
+            "slopes": [round(x, 4) for x in w[:-1].tolist()], "term_weight": round(w[-1].item(), 4)}
 
 
 def pool_at(body, dims: Dims, ids, mask, rows, cols):
-    """P at the given (row, position) pairs of a padded batch (no grad)."""
+    """(P, T) at the given (row, position) pairs of a padded batch, [N, 2] (no grad)."""
     import torch
 
     with torch.no_grad():
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-    return hidden[rows, cols, dims.pool] / KAPPA
+    return hidden[rows, cols][:, [dims.pool, dims.term_pool]] / KAPPA
 
 
-def features(body, dims: Dims, ids, mask=None):
-    """(G, flag, compressed G x flag, P) per position, unscaled: for tests and analysis."""
+def features(body, dims: Dims, ids, mask=None) -> dict:
+    """Every circuit feature per position, unscaled, by name: for tests and analysis."""
     out = body(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     hs = out.hidden_states
-    n = len(hs) - 1
-    g = hs[n - 2][..., dims.g] / G_SCALE
-    flag, g_comp = hs[n - 1][..., dims.flag], hs[n - 1][..., dims.g_comp]
-    pool = out.last_hidden_state[..., dims.pool] / KAPPA
-    return g, flag, g_comp, pool
+    n = len(hs) - 5   # the policy's layers; hs[n + i + 1] is the output of circuit layer n + i
+    after_compare, after_flags, after_match = hs[n + 1], hs[n + 2], hs[n + 3]
+    last = out.last_hidden_state
+    return {
+        "g": after_compare[..., dims.g] / G_SCALE,
+        "flag": after_flags[..., dims.flag], "g_comp": after_flags[..., dims.g_comp],
+        "eq_count": after_flags[..., dims.eq_count], "check": after_flags[..., dims.check],
+        "value": after_flags[..., dims.value], "query": after_flags[..., dims.query],
+        "match": after_match[..., dims.match], "term": after_match[..., dims.term],
+        "pool": last[..., dims.pool] / KAPPA, "term_pool": last[..., dims.term_pool] / KAPPA,
+    }
 
 
 def compress(g):
