@@ -80,3 +80,28 @@ def test_first_answer_offset_marks_the_overthinking_tail():
     off = first_answer_offset(p, text)
     assert text[:off].endswith(f"5+4=9{STEP_TAG}")
     assert first_answer_offset(Problem((2, 2)), text) is None
+
+
+def test_audit_separates_slips_chains_and_term_bookkeeping():
+    from ttc_vllm.testbed.task import Audit, Problem, audit
+
+    p = Problem((512, 77, 512, 9))
+
+    def completion(lines, checks=()):
+        body = "".join(f"{x}{STEP_TAG}\n" for x in lines) + "".join(f"check {x}{STEP_TAG}\n" for x in checks)
+        return f"\n{body}</think>\nAnswer: 1</s>"
+
+    good = ["512+9=521", "521+512=1033", "1033+77=1110"]
+    assert audit(p, completion(good, checks=["512+9=521"])) == Audit(True, True, True, True)
+    # a slip (C != A + B), carried on consistently
+    assert audit(p, completion(["512+9=520", "520+512=1032", "1032+77=1109"])) == Audit(True, False, True, True)
+    # a chain break: step 2 starts from another number
+    assert audit(p, completion(["512+9=521", "522+512=1034", "1034+77=1111"])) == Audit(True, True, False, True)
+    # 77 never added, 512 three times: one reuse beyond the question's two copies
+    assert audit(p, completion(["512+9=521", "521+512=1033", "1033+512=1545"])) == \
+        Audit(True, True, True, False, reused=1, foreign=0)
+    # a misread term (78 for 77)
+    assert audit(p, completion(["512+9=521", "521+512=1033", "1033+78=1111"])) == \
+        Audit(True, True, True, False, reused=0, foreign=1)
+    assert audit(p, completion(["512 plus 9"])) == Audit(False, False, False, False)
+    assert audit(p, "\n</think>\nAnswer: 1</s>") == Audit(False, False, False, False)

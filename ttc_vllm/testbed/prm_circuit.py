@@ -1,19 +1,28 @@
-"""The testbed PRM's body written by hand: the policy's own slip detector, compiled into a
-`Qwen2ForProcessRewardModel` (vLLM's STEP pooling serves it unchanged).
+"""The testbed PRM's body written by hand: the policy's own slip detector and a term
+bookkeeping check, compiled into a `Qwen2ForProcessRewardModel` (vLLM's STEP pooling serves
+it unchanged).
 
-Why: a testbed step is wrong when the policy sampled a token it did not expect (a slip; see
-`PolicySurpriseScorer`, step AUC ~0.88). Layers trained on top of the frozen policy never
-learned that comparison from MC labels (held-out AUC stuck near 0.80; see
-`ttc_vllm/testbed/README.md`), but three hand-set layers compute it. The score head stays
-a trained `Linear -> ReLU -> Linear` (`train_prm --body circuit` fits it on the MC labels).
+Why: a testbed step goes wrong in two ways. (1) A slip: the policy sampled a token it did
+not expect (see `PolicySurpriseScorer`, step AUC ~0.88). Layers trained on top of the frozen
+policy never learned that comparison from MC labels (held-out AUC stuck near 0.80; see
+`ttc_vllm/testbed/README.md`). (2) A fluent bookkeeping error: a step adds a term already
+added (and so never adds another one) or a term the question does not have, with correct
+arithmetic. The policy finds these likely, so no slip signal sees them, and they are most
+of the wrong traces that survive to a vote (1,118 of 2,331 wrong samples on 200 hard
+problems, against 519 with only an arithmetic error and 653 with both;
+`benchmarks/error_types.py`). Both checks are hand-set layers; the score head stays a
+trained `Linear -> ReLU -> Linear` (`train_prm --body circuit` fits it on the MC labels).
 
-Layout (hidden 256 = the policy's 192 + 59 feature dims; 8 heads of 32, 2 KV heads):
-  layers 0..n-1  the policy, block-embedded: the policy's weights on the first 192 dims
-                 (its query heads 0-2 / 3-5 on heads 0-2 / 4-6, so each keeps its KV head),
-                 norm weights x sqrt(192/256) and eps x 192/256, so those dims carry exactly
-                 its residual stream (the other dims stay ~1e-3: they do not move its norms).
-  embedding      also writes 1e-3 x a one-hot of the token (for the completion tokens J
-                 the gap is taken at, and for `<think>`).
+Layout (hidden 384 = the policy's 192 + feature dims; 6 heads of 64, 2 KV heads; RoPE theta
+1e8, so pairs 0-15 of a 64-dim head turn exactly like pairs 0-15 of the policy's 32-dim
+heads, theta_i = 10^(-i/4), and pairs 16-31 turn <= 1e-4 rad per token: content scores
+that do not depend on the distance):
+  layers 0..n-1  the policy, block-embedded: its weights on the first 192 dims, each query /
+                 key head's RoPE pairs on the same-frequency pairs of a 64-dim head (queries
+                 x sqrt 2 undo the 1/sqrt(64) scale), norm weights x sqrt(192/384) and eps x
+                 192/384, so those dims carry exactly its residual stream (the other dims
+                 stay ~1e-3: they do not move its norms).
+  embedding      also writes 1e-3 x a one-hot of the token (completion tokens J, `<think>`).
   layer n        attention: a previous-token head (query/key biases whose RoPE phases peak
                  at distance 1) copies the policy's logits over the completion vocabulary S
                  from position t-1 (where token t was sampled) to t; a constant head writes
@@ -23,23 +32,35 @@ Layout (hidden 256 = the policy's 192 + 59 feature dims; 8 heads of 32, 2 KV hea
                  (z_v - z_j), summing to G_t = sum_v relu(z_v - z_x)^2 ~ the squared gap
                  between what the policy expected and what was sampled (0 when the sampled
                  token was its top choice).
-  layer n+1      attention to `<think>` (a content key on the slowest RoPE pair) gives a 0/1
-                 "in the completion" flag (the question's digits were never sampled); the
-                 MLP writes flag x a log compression of G (~log3(G / 0.1), 0..10: clamp
-                 ramps, so the pool's scores and the head's inputs stay bounded).
-  layer n+2      attention with scores 8 x that pools a soft maximum over the prefix into
-                 P: how badly the trace slipped anywhere so far.
-  final norm     keeps P and K only; the head reads P through ramps relu(P - t_k), and
-                 `fit_head` fits it as a monotone function of P.
+  layer n+1      attention: content heads give the 0/1 "in the completion" flag (attend to
+                 `<think>`: the question's digits were never sampled), the '=' count (first
+                 step line or not) and a "check line" flag; previous-token heads copy the
+                 tokens at t-1..t-3 as a digit on a circle of ten (cos, sin) plus is-digit.
+                 MLP: flag x a log compression of G (~log3(G / 0.1), 0..10: clamp ramps, so
+                 the pool's scores and the head's inputs stay bounded); 0/1 ANDs mask the
+                 digit slots after a number's first digit (END marks its length), and give
+                 each '+' / '=' a value: +1 for a question term, -1 for a used term (a step's
+                 second term, at '='; the first step's first term, at '+'; not in check
+                 lines), and mark the used ones as queries.
+  layer n+2      attention: a soft maximum of compressed G over the prefix, P (how badly the
+                 trace slipped anywhere so far); the term match: each position's number code
+                 against every '+' / '=' key, score 100 x equal digit slots, so softmax
+                 averages the values of the exact matches, (question copies - uses so far) /
+                 (their sum): 0 for a legal use, <= -1/5 for one use too many or a term the
+                 question lacks. MLP: T = query x clamp((-match - 0.04) / 0.04, 0, 1).
+  layer n+3      a soft maximum of T over the prefix: the trace broke the bookkeeping so far.
+  final norm     keeps P, pooled T and K; the head reads ramps relu(P - t_k) and T, and
+                 `fit_head` fits it as a monotone function of both.
 
 It needs float32: K and the gate offsets are beyond float16. Its config.json says so
 (`ttc_vllm_required_dtype`), and `pooling_llm_kwargs` applies it, since vLLM's "auto" would
 pick float16 for a pooling model; `vllm serve` needs `--dtype float32`.
 
 Offline (fp32, held-out steps, exact labels, before the compression): the running max of G
-scores AUC 0.876 and a soft max 0.874, against 0.883 for the exact log-prob margin (benchmarks/prm_signals.py
-measures the served model). The testbed tokenizer fixes S and J; other policies need their
-own token sets (`build(..., completion_tokens=...)`).
+scores AUC 0.876 and a soft max 0.874, against 0.883 for the exact log-prob margin; with the
+term check the shipped head scores 0.923 (benchmarks/prm_signals.py measures the served
+model). The testbed tokenizer fixes S, J and the term tokens; other policies need their own
+(`build(..., completion_tokens=..., terms=...)`).
 """
 from __future__ import annotations
 

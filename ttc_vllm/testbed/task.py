@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 THINK_START = "<think>"
@@ -167,3 +168,39 @@ def first_answer_offset(problem: Problem, completion: str) -> int | None:
         if m and int(m.group(4)) == problem.answer:
             return pos
     return None
+
+
+@dataclass(frozen=True)
+class Audit:
+    """What a completion's step lines got right (check lines are not audited)."""
+
+    parsed: bool             # every step line reads "A+B=C"
+    arithmetic: bool         # every C = A + B
+    chained: bool            # every A after the first is the previous C
+    terms: bool              # the terms added (first A, every B) are the question's, as a multiset
+    reused: int = 0          # term uses beyond the question's copies of a value it has
+    foreign: int = 0         # uses of values the question does not have
+
+
+def audit(problem: Problem, completion: str) -> Audit:
+    """Classify a completion's errors: an arithmetic slip, a broken chain, or term
+    bookkeeping (a term added twice, so another never; a term the question lacks)."""
+    steps = []
+    for line in step_lines(completion):
+        m = _STEP_RE.match(line)
+        if not m:
+            return Audit(False, False, False, False)
+        if not m.group(1):
+            steps.append((int(m.group(2)), int(m.group(3)), int(m.group(4))))
+    if not steps:
+        return Audit(False, False, False, False)
+    used = Counter([steps[0][0]] + [b for _, b, _ in steps])
+    extra = used - Counter(problem.terms)
+    return Audit(
+        parsed=True,
+        arithmetic=all(a + b == c for a, b, c in steps),
+        chained=all(steps[i][0] == steps[i - 1][2] for i in range(1, len(steps))),
+        terms=used == Counter(problem.terms),
+        reused=sum(v for k, v in extra.items() if k in problem.terms),
+        foreign=sum(v for k, v in extra.items() if k not in problem.terms),
+    )

@@ -4,10 +4,11 @@
         --out DIR [--body circuit|layers] [--minutes M] [--epochs E] [--extra-layers L]
         [--aux-weight W] [--label hard|soft] [--no-verify]
 
-`--body circuit` (the default, the shipped PRM): the body is `prm_circuit`'s hand-set slip detector over
-the policy (frozen; nothing to learn there), and training is one pass over the training
-split for its pooled slip feature, then `prm_circuit.fit_head`: a monotone calibration of
-that feature against the MC targets below, written into the score head. Held-out AUC 0.875.
+`--body circuit` (the default, the shipped PRM): the body is `prm_circuit`'s hand-set slip detector
+and term bookkeeping check over the policy (frozen; nothing to learn there), and training is
+one pass over the training split for its two pooled features (slip P, term flag T), then
+`prm_circuit.fit_head`: a monotone calibration of them against the MC targets below, written
+into the score head. Held-out AUC 0.923 (0.875 with the slip detector alone).
 
 `--body layers` (the earlier PRM, AUC 0.80): the trained policy's transformer,
 frozen, plus `--extra-layers` new layers on top
@@ -147,7 +148,7 @@ def build_model(policy_dir: Path, extra_layers: int = 0, body: str = "layers"):
     (model, config, teacher): `teacher(ids, base_hidden)` is the frozen policy's next-token
     log-probs from the policy layers' output (None when extra_layers == 0).
 
-    `body="circuit"`: the hand-set slip detector of `prm_circuit` instead (frozen; only the
+    `body="circuit"`: the hand-set slip detector and term check of `prm_circuit` instead (frozen; only the
     score head is fitted, by `train` through `prm_circuit.fit_head`; no teacher)."""
     import copy
 
@@ -509,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--label", choices=["hard", "soft"], default="hard",
                     help="targets from MC values: hard = any rollout right (HE), soft = the value (SE)")
     ap.add_argument("--body", choices=["circuit", "layers"], default="circuit",
-                    help="circuit (the shipped PRM) = the hand-set slip detector of prm_circuit, "
+                    help="circuit (the shipped PRM) = the hand-set slip detector and term check of prm_circuit, "
                          "only the score head is fitted; layers = --extra-layers trained on the "
                          "frozen policy (the earlier PRM)")
     ap.add_argument("--no-verify", action="store_true", help="skip the vLLM load/score check")
