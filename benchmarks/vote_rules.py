@@ -3,6 +3,7 @@ for every step-score aggregation, at k = 1..n samples per problem.
 
     python benchmarks/vote_rules.py [--tiers hard] [--problems 320] [--n 16] [--prm-config JSON]
         [--out runs/bench/vote_rules] [--result-name vote_rules] [--summarize-only] [--from-index K]
+        [--controls JSON] [--ks 1,2,4,6,8,16] [--baseline DIR]
 
 One `ttc-vllm job evaluate` run on a local Ray head (loopback; one policy replica, one PRM
 actor, real vLLM engines) samples n full traces per problem at temperature 0.8 and scores all
@@ -15,10 +16,17 @@ difference between two rules has no sampling noise of its own: per problem it is
 -1, and the table reports the paired difference at k = n with a 95 % bootstrap interval
 over problems (and the win / loss counts). Generated tokens are the same for every rule at
 a given k. Prints a table, writes benchmarks/results/<result-name>.json and .png.
+
+`--controls` gives every sampled trace in-engine thinking controls (`job evaluate
+--controls`: a budget, or a halting rule that concludes the trace early). `--baseline DIR`
+names another run of this script (the same problems, plain traces) whose best-of-n (`min`)
+is the reference of the search issue's compute target: the table then adds, per rule and k,
+the generated tokens as a share of the baseline best-of-n's.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -50,7 +58,9 @@ def rules() -> list[str]:
             + [f"best_of_n:{a}" for a in AGGREGATIONS])
 
 
-def ks(n: int) -> list[int]:
+def ks(n: int, wanted: list[int] | None = None) -> list[int]:
+    if wanted:
+        return sorted({k for k in wanted if 1 <= k <= n} | {n})
     out, k = [], 1
     while k < n:
         out.append(k)
@@ -77,15 +87,31 @@ def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
             "wins": int((d > 0).sum()), "losses": int((d < 0).sum())}
 
 
-def summarize(records: list[dict], n: int) -> dict:
+def summarize(records: list[dict], n: int, wanted: list[int] | None = None) -> dict:
     by_k, tokens = {}, {}
-    for k in ks(n):
+    for k in ks(n, wanted):
         res = outcomes(records, k)
         by_k[k] = {rule: round(float(v.mean()), 4) for rule, v in res.items()}
         tokens[k] = round(float(np.mean([sum(c["tokens"] for c in r["candidates"][:k]) for r in records])), 1)
     final = outcomes(records, n)
     vs_majority = {rule: paired(final[rule], final["majority"]) for rule in rules() if rule != "majority"}
     return {"accuracy": by_k, "generated_tokens": tokens, "vs_majority_at_n": vs_majority}
+
+
+def compare_to_baseline(summary: dict, records: list[dict], baseline: list[dict], tier: str, n: int) -> dict:
+    """Each rule at each k here against the baseline run's best-of-n (`min`) on the same
+    problems: accuracy, and generated tokens as a share of the baseline best-of-n's."""
+    here = {r["index"] for r in records}
+    base = sorted((r for r in baseline if r["tier"] == tier and r["index"] in here), key=lambda r: r["index"])
+    if len(base) != len(records):
+        sys.exit(f"--baseline holds {len(base)} of this run's {len(records)} {tier} problems")
+    ref = summarize(base, n, [n])
+    ref_acc, ref_tokens = ref["accuracy"][n]["best_of_n:min"], ref["generated_tokens"][n]
+    print(f"baseline best-of-{n} (min): {100 * ref_acc:.1f}% with {ref_tokens:.0f} tokens / problem; "
+          f"tokens here as a share of that:")
+    print("".join(f"  k={k}: {100 * t / ref_tokens:.1f}%" for k, t in summary["generated_tokens"].items()))
+    return {"best_of_n_min_accuracy": ref_acc, "best_of_n_tokens": ref_tokens,
+            "token_share": {k: round(t / ref_tokens, 4) for k, t in summary["generated_tokens"].items()}}
 
 
 def format_table(summary: dict, n: int) -> str:
@@ -140,6 +166,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench/vote_rules"))
     ap.add_argument("--result-name", default="vote_rules")
     ap.add_argument("--summarize-only", action="store_true", help="run nothing; summarize what --out holds")
+    ap.add_argument("--controls", default=None,
+                    help="in-engine thinking controls for every trace (JSON of ttc options)")
+    ap.add_argument("--ks", default=None, help="comma-separated k values to tabulate (default 1, 2, 4, .., n)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another run's --out (same problems, plain traces): compare tokens to its best-of-n")
     ap.add_argument("--from-index", type=int, default=0,
                     help="summarize only problems with index >= this (e.g. a replication slice added "
                          "after a first run chose a rule)")
@@ -150,25 +181,34 @@ def main() -> None:
     t0 = time.time()
     if not a.summarize_only:
         prm = ["--prm-config", a.prm_config] if a.prm_config else []
+        controls = ["--controls", a.controls] if a.controls else []
         run_job(["--tiers", a.tiers, "--problems", str(a.problems), "--concurrency", str(a.concurrency),
-                 "--num-cpus", "2", *prm, "--strategies", "weighted_vote", "--n", str(a.n),
+                 "--num-cpus", "2", *prm, *controls, "--strategies", "weighted_vote", "--n", str(a.n),
                  "--temperature", str(a.temperature), "--out", str(a.out)])
     records = [r for r in load_records(a.out) if r["strategy"] == "weighted_vote" and r["n"] == a.n
                and r.get("candidates") and a.from_index <= r["index"] < a.problems]
     if not records:
         sys.exit(f"no weighted_vote n={a.n} records with candidates in {a.out}")
+    wanted = [int(k) for k in a.ks.split(",")] if a.ks else None
+    baseline = ([r for r in load_records(a.baseline) if r["strategy"] == "weighted_vote" and r["n"] == a.n
+                 and r.get("candidates") and a.from_index <= r["index"] < a.problems]
+                if a.baseline else None)
     result, tiers = {}, a.tiers.split(",")
     for tier in tiers:
         tier_records = sorted((r for r in records if r["tier"] == tier), key=lambda r: r["index"])
         if not tier_records:
             continue
-        summary = summarize(tier_records, a.n)
+        summary = summarize(tier_records, a.n, wanted)
         result[tier] = {"problems": len(tier_records), **summary}
         print(f"\n{tier}: {len(tier_records)} problems, {a.n} traces each, temperature {a.temperature}")
         print(format_table(summary, a.n))
+        if baseline is not None:
+            result[tier]["baseline"] = compare_to_baseline(summary, tier_records, baseline, tier, a.n)
     prm = next((r["setup"]["prm"] for r in records if r["setup"]["prm"]), None)
     # the JSON first: its commit field must not see this run's own plot as a change
     path = write_result(a.result_name, {"tiers": tiers, "n": a.n, "temperature": a.temperature,
+                                        "controls": json.loads(a.controls) if a.controls else None,
+                                        "baseline_out": str(a.baseline) if a.baseline else None,
                                         "problem_indices": [a.from_index, a.problems],
                                         "prm": prm, "bootstrap": BOOTSTRAP, "by_tier": result,
                                         "seconds": round(time.time() - t0, 1)})

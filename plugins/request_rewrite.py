@@ -41,12 +41,6 @@ MAX_TTC_DEPTH = 6
 # them. (budget.py: none / low / medium / high.)
 EFFORT_ALIASES = {"minimal": "low", "xhigh": "high", "max": "high"}
 
-# Per-trace controls: they act inside one engine request, and a search spreads a trace over
-# many requests, so they are refused together with `search` rather than silently ignored.
-PER_TRACE_FIELDS = ("max_think", "budget_tokens", "min_think", "reasoning_effort",
-                    "answer_reserve", "conclusion", "answer_prefix", "continuation", "max_extensions",
-                    "halting")
-
 # Body fields a server-side search cannot honour: it returns one chosen trace, without
 # log-probs, built by its own sampling loop.
 SEARCH_INCOMPATIBLE = {
@@ -107,13 +101,17 @@ def plan_request(body: Any, limits: ServerLimits = ServerLimits()) -> Plan:
         return PASS
     options = _validate_options(raw if raw is not None else {}, source)
     search = _search_options(options, source)
-    if search is not None:
-        _check_search_request(body, options, search, effort, source, limits)
-        return Plan("search", _rewrite(body, {SEARCH_XARG: _search_payload(search)}),
-                    options, search)
     if effort is not None:
         options = _apply_effort(options, effort, body[EFFORT_FIELD], source)
     _check_budgets(body, options, source)
+    if search is not None:
+        _check_search_request(body, search, source, limits)
+        xargs = {SEARCH_XARG: _search_payload(search)}
+        # the thinking controls go to every engine request the search makes
+        controls = options.sample_controls()
+        if controls is not None:
+            xargs[EXTRA_ARGS_KEY] = controls
+        return Plan("search", _rewrite(body, xargs), options, search)
     return Plan("single", _rewrite(body, options.to_extra_args()), options)
 
 
@@ -268,8 +266,8 @@ def _check_budgets(body: dict[str, Any], options: TTCOptions, source: str) -> No
                                   f"{source}.{shown}: {budget} exceeds {name} ({value})")
 
 
-def _check_search_request(body: dict[str, Any], options: TTCOptions, search: SearchOptions,
-                          effort: str | None, source: str, limits: ServerLimits) -> None:
+def _check_search_request(body: dict[str, Any], search: SearchOptions, source: str,
+                          limits: ServerLimits) -> None:
     if not limits.search_enabled:
         raise RequestRejected(f"{source}.search", f"{source}.search: server-side search is not "
                                                   f"available on this server")
@@ -278,14 +276,6 @@ def _check_search_request(body: dict[str, Any], options: TTCOptions, search: Sea
             f"{source}.search.strategy",
             f"{source}.search.strategy: {search.strategy!r} needs a process reward model and "
             f"this server has none (start it with TTC_VLLM_PRM=...); 'majority' needs none")
-    for field in PER_TRACE_FIELDS:
-        if field in options.model_fields_set:
-            raise RequestRejected(f"{source}.{field}",
-                                  f"{source}.{field}: per-trace thinking controls do not apply "
-                                  f"to ttc.search requests")
-    if effort is not None:
-        raise RequestRejected(EFFORT_FIELD, f"{EFFORT_FIELD}: thinking budgets do not apply to "
-                                            f"ttc.search requests; drop it or the search")
     n = body.get("n")
     if n is not None and n != 1:
         raise RequestRejected("n", f"n: must be 1 with ttc.search (got {n!r}); the number of "

@@ -19,6 +19,7 @@ from typing import Any
 
 from ttc_vllm.answer import answer_extractor
 from ttc_vllm.engine_async import EngineClientStepGenerator
+from ttc_vllm.options import EXTRA_ARGS_KEY
 from ttc_vllm.search import run_search
 from ttc_vllm.search.options import SearchOptions
 from ttc_vllm_plugins.request_rewrite import search_options_from_xargs
@@ -105,7 +106,7 @@ class SearchRunner:
         return last_start > last_end
 
     async def run(self, prompt, sampling_params, request_id: str, search: SearchOptions,
-                  kwargs: dict[str, Any]):
+                  kwargs: dict[str, Any], controls: str | None = None):
         """Async generator: the search, then one final RequestOutput."""
         from vllm.exceptions import GenerationError, RetryableRequestError, VLLMValidationError
 
@@ -126,7 +127,8 @@ class SearchRunner:
         self.searches += 1
         self.active += 1
         try:
-            result = await run_search(prompt_ids, generator, self.scorer, search, extract)
+            result = await run_search(prompt_ids, generator, self.scorer, search, extract,
+                                      controls=controls)
         except (GenerationError, VLLMValidationError):
             raise
         except Exception as e:
@@ -184,4 +186,6 @@ class SearchingEngineClient:
         search = search_options_from_xargs(getattr(sampling_params, "extra_args", None))
         if search is None:
             return self._inner.generate(prompt, sampling_params, request_id, *args, **kwargs)
-        return self._runner.run(prompt, sampling_params, request_id, search, kwargs)
+        # the request's thinking controls (the middleware wrote them next to the search)
+        controls = (sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY)
+        return self._runner.run(prompt, sampling_params, request_id, search, kwargs, controls)

@@ -395,9 +395,24 @@ def test_search_options_from_xargs():
     assert search_options_from_xargs({"ttc_search": s.model_dump_json()}) == s
 
 
-def test_every_per_trace_option_is_refused_with_search():
-    """A new TTCOptions field is either listed as per-trace (refused with ttc.search) or is
-    the search itself: nothing is silently ignored by a search request."""
-    from ttc_vllm_plugins.request_rewrite import PER_TRACE_FIELDS
-
-    assert set(TTCOptions.model_fields) - {"search"} == set(PER_TRACE_FIELDS)
+def test_thinking_controls_travel_with_a_search_to_every_sample():
+    """Every TTCOptions field but the search itself reaches the search's engine requests
+    (vllm_xargs.ttc, read by the search wrapper): nothing a search request sends is ignored."""
+    controls = {"max_think": 90, "min_think": 10, "answer_reserve": 8, "conclusion": "So:",
+                "answer_prefix": "A:", "continuation": "Hmm", "max_extensions": 2,
+                "halting": {"signal": "entropy", "threshold": -0.5}}
+    assert set(TTCOptions.model_fields) - {"search", "budget_tokens", "reasoning_effort"} == set(controls)
+    p = plan({"ttc": {**controls, "search": {"strategy": "majority", "n": 3}}, "max_tokens": 300})
+    assert p.kind == "search" and p.search.n == 3
+    sent = TTCOptions.from_extra_args(p.body["vllm_xargs"])
+    assert sent.search is None
+    assert sent.model_dump(include=set(controls)) == TTCOptions(**controls).model_dump(include=set(controls))
+    # an effort level (top level or ttc) and the Anthropic alias travel as well
+    sent = TTCOptions.from_extra_args(plan({"ttc": {"search": {"strategy": "majority"}},
+                                            "reasoning_effort": "low"}).body["vllm_xargs"])
+    assert sent.reasoning_effort == "low"
+    sent = TTCOptions.from_extra_args(plan({"ttc": {"budget_tokens": 33, "search": {"strategy": "majority"}}})
+                                      .body["vllm_xargs"])
+    assert sent.max_think == 33
+    # a search with no controls sends none
+    assert "ttc" not in plan({"ttc": {"search": {"strategy": "majority"}}}).body["vllm_xargs"]

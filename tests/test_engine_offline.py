@@ -228,3 +228,33 @@ def test_real_engine_steps_hit_the_prefix_cache(llm):
     assert all(s.token_ids[-1] == STEP_ID for s in c[:-1])
     if c[-1].finished:
         assert c[-1].token_ids[-1] == EOS
+
+
+@pytest.mark.parametrize("strategy", ["weighted_vote", "beam"])
+def test_real_engine_search_with_a_thinking_budget_caps_every_trace(llm, strategy):
+    """`run_search(..., controls=...)` through the real engine: the ttc-vllm logits processor
+    enforces the budget on each sampled trace (one request each) and across the step
+    requests of a beam (the budget counts the thinking already in each step's prompt)."""
+    from ttc_vllm.options import TTCOptions
+    from ttc_vllm.search import SearchOptions, run_search
+    from ttc_vllm.search.fakes import FakeArithmeticPRM
+    from ttc_vllm.testbed.metrics import MarkerIds, thinking_tokens
+
+    cap = 40   # a hard-tier trace needs ~105 thinking tokens: every trace hits the cap
+    controls = TTCOptions(max_think=cap, conclusion="<step>\n").sample_controls()
+    ids = MarkerIds.from_tokenizer(TOK)
+    problem = task.Problem((812, 407, 695, 333, 904, 518, 276, 649))
+    prompt = TOK.encode(task.prompt(problem), add_special_tokens=False)
+    opts = SearchOptions(strategy=strategy, n=4, beam_width=2, max_steps=16, max_step_tokens=64)
+    for sent in (controls, None):
+        result = run(run_search(prompt, OfflineStepGenerator(llm), FakeArithmeticPRM(), opts,
+                                task.extract_answer, controls=sent))
+        finished = [c for c in result.candidates if c.finished]
+        assert finished
+        for c in finished:
+            out = list(c.trace.token_ids[len(prompt):])
+            if sent is None:
+                assert thinking_tokens(out, ids) > cap   # uncapped, the traces run longer
+            else:
+                assert thinking_tokens(out, ids) <= cap and ids.think_end in out
+                assert task.ANSWER_PREFIX in TOK.decode(out)   # capped, then answered

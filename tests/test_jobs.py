@@ -79,11 +79,24 @@ def test_testbed_problems_are_the_tier_generator():
     ({"strategies": ["beam"], "ns": [6]}, "beam_width (4) must divide n (6)"),
     ({"strategies": ["best_of_n"], "prm": None}, "needs a PRM"),
     ({"search": {"temperature": 7.0}}, "temperature"),
+    ({"controls": {"max_think": -3}}, "ttc.max_think"),
+    ({"controls": {"search": {"strategy": "beam"}}}, "without 'search'"),
+    ({"strategies": ["beam"], "ns": [4], "controls": {"halting": {"threshold": 1.0}}},
+     "halting: applies to each sampled trace"),
 ])
 def test_plan_rejects_bad_grids(overrides, needle):
     with pytest.raises(JobError) as e:
         small_plan(**overrides)
     assert needle in str(e.value)
+
+
+def test_plan_controls_reach_every_item_and_its_setup():
+    plan = small_plan(controls={"max_think": 64, "conclusion": "<step>\n"})
+    sent = json.loads(plan.sample_controls)
+    assert sent == {"max_think": 64, "conclusion": "<step>\n"}
+    assert all(plan.setup(item)["controls"] == sent for item in plan.items())
+    # records made without controls do not count as done for a plan with them, and back
+    assert "controls" not in small_plan().setup(plan.items()[0]) and small_plan().sample_controls is None
 
 
 def test_majority_only_plans_need_no_prm():
@@ -438,6 +451,8 @@ def bad_dataset(tmp_path):
     (["--address", "http://127.0.0.1:8265"], "job-submission address"),
     (["--address", "127.0.0.1:PORT"], "cannot reach the Ray cluster"),
     (["--engine-kwargs", "[1]"], "expected a JSON object"),
+    (["--controls", "{max_think"], "--controls: not valid JSON"),
+    (["--controls", '{"halting": {"signal": "vibes"}}'], "ttc.halting.signal"),
     (["--policy-replicas", "0"], "positive integer"),
 ])
 def test_job_evaluate_bad_arguments_one_line_exit_2(extra, needle, tmp_path, bad_dataset, capsys):

@@ -256,6 +256,25 @@ def test_search_strategy_returns_one_openai_response(client, name):
         assert usage["answers"][0] in (message.content or "")
 
 
+def test_search_carries_its_thinking_budget_to_every_sample(client):
+    """ttc.max_think next to ttc.search: every sampled trace is capped by the logits
+    processor (each is its own engine request), so the chosen one is too."""
+    from ttc_vllm.search.fakes import load_testbed_tokenizer
+
+    end = load_testbed_tokenizer().convert_tokens_to_ids("</think>")
+    question = chat("812+407+695+333+904+518+276+649=?")   # ~105 thinking tokens uncapped
+    lengths = {}
+    for cap in (None, 30):
+        controls = {} if cap is None else {"max_think": cap, "conclusion": "<step>\n"}
+        resp, data = raw_chat(client, messages=question, max_tokens=400, seed=4,
+                              extra_body={"ttc": {**controls, "search": {"strategy": "majority", "n": 3}},
+                                          "return_token_ids": True})
+        ids = resp.choices[0].model_extra["token_ids"]
+        assert end in ids and data["ttc"]["searches"] == 1
+        lengths[cap] = ids.index(end)
+    assert lengths[30] <= 30 < lengths[None]
+
+
 def test_step_search_continues_parents_and_hits_the_prefix_cache(client):
     _, data = raw_chat(client, messages=chat("512+377+804=?"), max_tokens=400, seed=2,
                        extra_body={"ttc": {"search": SEARCHES["beam"]}})

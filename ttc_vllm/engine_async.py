@@ -33,7 +33,7 @@ from ttc_vllm.search.protocols import Completion, Step, StepParams
 # SamplingParams fields the step generator decides for every sub-request.
 SEARCH_OWNED_PARAMS = ("n", "temperature", "top_p", "max_tokens", "stop", "stop_token_ids",
                        "include_stop_str_in_output", "logprobs", "seed", "output_kind",
-                       "skip_special_tokens")
+                       "skip_special_tokens", "extra_args")
 
 
 class EngineClientStepGenerator:

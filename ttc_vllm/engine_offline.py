@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from ttc_vllm.options import EXTRA_ARGS_KEY
 from ttc_vllm.search.protocols import Completion, Step, StepParams
 from ttc_vllm.testbed.task import STEP_TAG
 
@@ -74,6 +75,8 @@ def step_sampling_kwargs(prefix: Sequence[int], n: int, params: StepParams, deli
             kwargs["stop"] = [delimiter.text]
     if params.confidence:
         kwargs["logprobs"] = confidence_top_k
+    if params.controls is not None:
+        kwargs["extra_args"] = {EXTRA_ARGS_KEY: params.controls}
     if seed is not None:
         kwargs["seed"] = request_seed(seed, prefix)
     return kwargs

@@ -15,7 +15,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationErro
                       ValidationInfo, field_validator, model_validator)
 
 from ttc_vllm import budget
-from ttc_vllm.search.options import SearchOptions
+from ttc_vllm.search.options import SAMPLING_STRATEGIES, SearchOptions
 
 EXTRA_ARGS_KEY = "ttc"
 DEFAULT_CONCLUSION = "\nTime is up, concluding."
@@ -136,7 +136,21 @@ class TTCOptions(BaseModel):
                 and self.min_think > self.max_think):
             raise ValueError(
                 f"min_think ({self.min_think}) must not exceed max_think ({self.max_think})")
+        # With a search the controls apply to each of its engine requests: one whole trace
+        # for the sampling strategies, one step for beam / DVTS / MCTS, where a halting
+        # window would restart every step.
+        if (self.halting is not None and self.search is not None
+                and self.search.strategy not in SAMPLING_STRATEGIES):
+            raise ValueError(
+                f"halting: applies to each sampled trace of {', '.join(SAMPLING_STRATEGIES)}; "
+                f"search.strategy {self.search.strategy!r} sends one step per engine request")
         return self
+
+    def sample_controls(self) -> str | None:
+        """The thinking controls alone (no search), as the `extra_args["ttc"]` JSON that
+        every engine request of a search carries; None when the request sets none."""
+        payload = self.model_copy(update={"search": None}).to_extra_args()[EXTRA_ARGS_KEY]
+        return None if payload == "{}" else payload
 
     # ---- extra_args encoding -------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from pydantic import ValidationError
 
+from ttc_vllm.options import EXTRA_ARGS_KEY, TTCOptions
 from ttc_vllm.search import STRATEGIES, SearchOptions, run_search
 from ttc_vllm.testbed import task
 
@@ -123,6 +124,9 @@ class Plan:
     prm: str | None = TESTBED_PRM  # None: no PRM available
     testbed_answers: bool = True  # testbed answer line; else ttc_vllm.answer's generic rule
     chat: bool = False  # render prompts with the policy's chat template
+    # In-engine thinking controls (TTCOptions fields: max_think, halting, ...) that every
+    # engine request of every search carries; None: none.
+    controls: dict[str, Any] | None = None
 
     def __post_init__(self):
         unknown = [s for s in self.strategies if s not in STRATEGIES]
@@ -147,6 +151,25 @@ class Plan:
                     raise JobError(f"strategy {strategy!r} needs a PRM and none is available "
                                    "(pass --prm-config, or ship the testbed PRM)")
                 self._options[(strategy, n)] = options
+                self._sample_controls = self._check_controls(options)
+
+    def _check_controls(self, options: SearchOptions) -> str | None:
+        if not self.controls:
+            return None
+        if not isinstance(self.controls, dict) or "search" in self.controls:
+            raise JobError("--controls: expected an object of thinking controls (max_think, "
+                           "halting, ...) without 'search' (the grid sets it)")
+        try:
+            ttc = TTCOptions.from_extra_args(
+                {EXTRA_ARGS_KEY: {**self.controls, "search": options.model_dump(mode="json")}})
+        except ValueError as e:
+            raise JobError(f"--controls with {options.strategy}: {e}") from None
+        return ttc.sample_controls()
+
+    @property
+    def sample_controls(self) -> str | None:
+        """The controls' `extra_args["ttc"]` JSON, or None."""
+        return self._sample_controls
 
     def options(self, strategy: str, n: int) -> SearchOptions:
         return self._options[(strategy, n)]
@@ -165,7 +188,8 @@ class Plan:
         options = self.options(item.strategy, item.n)
         return {"policy": self.policy, "prm": self.prm if options.needs_scorer else None,
                 "chat": self.chat, "options": options.model_dump(mode="json"),
-                "problem_sha": item.problem.sha}
+                "problem_sha": item.problem.sha,
+                **({"controls": json.loads(self.sample_controls)} if self.sample_controls else {})}
 
     def extract_answer(self) -> Callable[[str], Any]:
         if self.testbed_answers:
@@ -334,7 +358,7 @@ async def evaluate_item(plan: Plan, item: Item, worker, scorer,
         ids = prompt_ids[cache_key] = list(await worker.encode(item.problem.prompt, plan.chat))
     options = plan.options(item.strategy, item.n)
     result = await run_search(ids, worker, scorer if options.needs_scorer else None, options,
-                              plan.extract_answer())
+                              plan.extract_answer(), controls=plan.sample_controls)
     answer = None if result.answer is None else normalise_answer(result.answer)
     a = result.accounting
     strategy, n, tier, index = item.key
@@ -553,8 +577,22 @@ def plan_from_args(args) -> tuple[Plan, Any]:
     needs_prm = any(s != "majority" for s in args.strategies)
     prm_identity, prm_config = prm_config_from(args.prm_config) if needs_prm else (None, None)
     plan = Plan(problems, args.strategies, args.n, search, policy=args.policy or TESTBED_POLICY,
-                prm=prm_identity, testbed_answers=args.dataset is None, chat=args.chat)
+                prm=prm_identity, testbed_answers=args.dataset is None, chat=args.chat,
+                controls=parse_controls(args.controls))
     return plan, prm_config
+
+
+def parse_controls(text: str | None) -> dict[str, Any] | None:
+    """`--controls` JSON (an object of TTCOptions fields), or None."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise JobError(f"--controls: not valid JSON ({e.msg} at {e.pos})") from None
+    if not isinstance(value, dict):
+        raise JobError(f"--controls: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _engine_overrides(args) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Awaitable, Callable, Sequence
 
 from ttc_vllm.search import beam, best_of_n, dvts, majority, mcts, weighted_vote
+from ttc_vllm.search.controls import ControlledGenerator
 from ttc_vllm.search.options import SearchOptions
 from ttc_vllm.search.protocols import (
     Accounting, Candidate, Completion, ExtractAnswer, SearchResult, Step, StepGenerator,
@@ -27,8 +28,11 @@ STRATEGIES: dict[str, Strategy] = {
 
 async def run_search(problem_prompt_ids: Sequence[int], generator: StepGenerator,
                      scorer: StepScorer | None, options: SearchOptions,
-                     extract_answer: ExtractAnswer) -> SearchResult:
-    """Run the strategy named by options.strategy on one problem."""
+                     extract_answer: ExtractAnswer, controls: str | None = None) -> SearchResult:
+    """Run the strategy named by options.strategy on one problem. `controls`: in-engine
+    thinking controls for every engine request (`TTCOptions.sample_controls()`)."""
+    if controls is not None:
+        generator = ControlledGenerator(generator, controls)
     return await STRATEGIES[options.strategy](
         problem_prompt_ids, generator, scorer, options, extract_answer)
 

@@ -89,6 +89,9 @@ class StepParams:
     # the usual choice for real models). The delimiter is kept in the step's tokens.
     step_delimiter: str | None = None
     confidence: bool = False  # fill Step.mean_confidence (costs top-k logprobs in the engine)
+    # The request's in-engine thinking controls for every engine request of the call: the
+    # JSON that goes into SamplingParams.extra_args["ttc"] (`TTCOptions.sample_controls`).
+    controls: str | None = None
 
 
 @runtime_checkable
