@@ -8,8 +8,8 @@ policy never learned that comparison from MC labels (held-out AUC stuck near 0.8
 `ttc_vllm/testbed/README.md`). (2) A fluent bookkeeping error: a step adds a term already
 added (and so never adds another one) or a term the question does not have, with correct
 arithmetic. The policy finds these likely, so no slip signal sees them, and they are most
-of the wrong traces that survive to a vote (1,118 of 2,331 wrong samples on 200 hard
-problems, against 519 with only an arithmetic error and 653 with both;
+of the wrong traces that survive to a vote (1,081 of 2,291 wrong samples on 200 hard
+problems, against 527 with only an arithmetic error and 640 with both;
 `benchmarks/error_types.py`). Both checks are hand-set layers; the score head stays a
 trained `Linear -> ReLU -> Linear` (`train_prm --body circuit` fits it on the MC labels).
 
