@@ -578,33 +578,25 @@ def plan_from_args(args) -> tuple[Plan, Any]:
     prm_identity, prm_config = prm_config_from(args.prm_config) if needs_prm else (None, None)
     plan = Plan(problems, args.strategies, args.n, search, policy=args.policy or TESTBED_POLICY,
                 prm=prm_identity, testbed_answers=args.dataset is None, chat=args.chat,
-                controls=parse_controls(args.controls))
+                controls=json_object_arg("--controls", args.controls, "ttc thinking controls"))
     return plan, prm_config
 
 
-def parse_controls(text: str | None) -> dict[str, Any] | None:
-    """`--controls` JSON (an object of TTCOptions fields), or None."""
+def json_object_arg(flag: str, text: str | None, what: str) -> dict[str, Any] | None:
+    """A command-line JSON object (None when not given); JobError naming the flag."""
     if not text:
         return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise JobError(f"--controls: not valid JSON ({e.msg} at {e.pos})") from None
+        raise JobError(f"{flag}: not valid JSON ({e.msg} at {e.pos})") from None
     if not isinstance(value, dict):
-        raise JobError(f"--controls: expected a JSON object, got {type(value).__name__}")
+        raise JobError(f"{flag}: expected a JSON object of {what}, got {type(value).__name__}")
     return value
 
 
 def _engine_overrides(args) -> dict[str, Any]:
-    if not args.engine_kwargs:
-        return {}
-    try:
-        value = json.loads(args.engine_kwargs)
-    except json.JSONDecodeError as e:
-        raise JobError(f"--engine-kwargs: not JSON ({e.msg})") from None
-    if not isinstance(value, dict):
-        raise JobError("--engine-kwargs: expected a JSON object of vllm.LLM arguments")
-    return value
+    return json_object_arg("--engine-kwargs", args.engine_kwargs, "vllm.LLM arguments") or {}
 
 
 class _Progress:
