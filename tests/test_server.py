@@ -335,13 +335,12 @@ def test_disconnect_mid_search_aborts_every_sub_request(server, client):
     """A long search -- beam search over up to 110 rounds of 64 step requests of 4 tokens
     (the context allows ~110; short rounds keep it running long whatever the machine's
     speed; ignore_eos, inherited by every sampled step, keeps every trace open) -- dropped by
-    its client once the engine
-    has finished its first round: the requests in flight are aborted, no new round starts,
-    and the engine goes back to idle (no running request, KV usage 0). The client is a raw
-    socket so the disconnect happens exactly when the test decides, whatever the machine's
-    load. The search is seen running through a counter (finished step requests), not the
-    running/KV gauges: a busy server answers /metrics slowly, and gauges sampled between
-    short rounds can miss a search that is running."""
+    its client once the engine has finished its first round: the requests in flight are
+    aborted, no new round starts, and the engine goes back to idle (no running request, KV
+    usage 0). The client is a raw socket so the disconnect happens exactly when the test
+    decides, whatever the machine's load. The search is seen running through a counter
+    (finished step requests), not the running/KV gauges: a busy server answers /metrics
+    slowly, and gauges sampled between short rounds can miss a search that is running."""
     body = json.dumps({"model": SERVED_NAME, "messages": chat(HARD), "max_tokens": 440, "seed": 3,
                        "ignore_eos": True,
                        "ttc": {"search": {"strategy": "beam", "n": 64, "beam_width": 4, "max_steps": 110,
