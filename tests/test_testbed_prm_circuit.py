@@ -195,3 +195,29 @@ def test_term_check_flags_a_reused_or_misread_term_from_its_step_on(circuit):
     # a 4-digit running sum that ends in a term's digits is not a use of that term
     problem = Problem((442, 600, 400, 1))
     assert term_flags(circuit, problem, steps_using([600, 400, 442, 1]))[0].abs().max() < 1e-3
+
+
+def test_the_shipped_recipe_materializes_the_circuit_with_its_head_once(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from ttc_vllm.testbed import CACHE_ENV, prm_path, prm_recipe_path
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    path = prm_path()
+    assert path.parent == tmp_path and (path / "config.json").read_text() == \
+        (prm_recipe_path() / "config.json").read_text()
+    state = load_file(str(path / "model.safetensors"))
+    body, _, _ = pc.build(policy_path())
+    for k, v in body.state_dict().items():
+        assert torch.equal(state[f"model.{k}"], v), k
+    for k, v in load_file(str(prm_recipe_path() / pc.HEAD_FILE)).items():
+        assert torch.equal(state[k], v), k
+    assert len(state) == len(body.state_dict()) + 4
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert prm_path() == path and (path / "model.safetensors").stat().st_mtime_ns == stamp   # cached
+    # a recipe directory with its own full model (a train-prm --out) is used as it is
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr("ttc_vllm.testbed.prm_recipe_path", lambda: full)
+    assert prm_path() == full

@@ -540,10 +540,10 @@ def prm_config_from(source: str | None):
     """(identity, PRMConfig) of --prm-config (JSON text or a file), or of the shipped testbed
     PRM; (None, None) when there is none."""
     from ttc_vllm.prm.scorers import PRMConfig
-    from ttc_vllm.testbed import prm_path
+    from ttc_vllm.testbed import prm_recipe_path
 
     if source is None:
-        if not (prm_path() / "config.json").exists():
+        if not (prm_recipe_path() / "config.json").exists():
             return None, None
         return TESTBED_PRM, PRMConfig.testbed()
     try:

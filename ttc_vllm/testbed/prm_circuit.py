@@ -503,3 +503,45 @@ def features(body, dims: Dims, ids, mask=None) -> dict:
 def compress(g):
     """The circuit's log compression of G (exact ramps; the circuit's SiLUs round the corners)."""
     return sum(((g - t) / (2 * t)).clamp(0, 1) for t in LOG_STEPS)
+
+
+HEAD_FILE = "head.safetensors"   # a circuit PRM's fitted score head: all git ships of its weights
+
+
+def materialize(recipe: Path, policy_dir: Path, cache_root: Path) -> Path:
+    """A full model directory for vLLM from a circuit PRM's recipe (config, tokenizer files
+    and HEAD_FILE): the body is rebuilt from the policy (`build` is deterministic), the head
+    loaded. Built once into cache_root, keyed by the recipe, the policy and this module, and
+    moved into place whole, so concurrent callers never see half a model."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    digest = hashlib.sha256()
+    for path in [*sorted(p for p in recipe.iterdir() if p.is_file()), policy_dir / "model.safetensors",
+                 Path(__file__)]:
+        digest.update(path.name.encode() + path.read_bytes())
+    target = cache_root / f"testbed-prm-{digest.hexdigest()[:16]}"
+    if (target / "model.safetensors").exists():
+        return target
+    body, _, _ = build(policy_dir)
+    state = {f"model.{k}": v.contiguous() for k, v in body.state_dict().items()}
+    state.update(load_file(str(recipe / HEAD_FILE)))
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".building-"))
+    try:
+        for path in recipe.iterdir():
+            if path.is_file() and path.name != HEAD_FILE:
+                shutil.copy(path, tmp / path.name)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            os.rename(tmp, target)
+        except OSError:   # another process finished first
+            if not (target / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

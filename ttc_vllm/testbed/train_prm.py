@@ -313,6 +313,11 @@ def save(model, config, policy_dir: Path, out: Path) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
              if k.startswith(("model.", "score."))}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if getattr(model, "circuit_dims", None) is not None:   # what ships: the body is rebuilt from the policy
+        from ttc_vllm.testbed.prm_circuit import HEAD_FILE
+
+        save_file({k: v for k, v in state.items() if k.startswith("score.")}, str(out / HEAD_FILE),
+                  metadata={"format": "pt"})
     cfg = config.to_dict()
     cfg.update(architectures=["Qwen2ForProcessRewardModel"], num_labels=2,
                id2label={"0": "bad", "1": "good"}, label2id={"bad": 0, "good": 1},
