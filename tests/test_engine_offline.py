@@ -241,7 +241,7 @@ def test_real_engine_search_with_a_thinking_budget_caps_every_trace(llm, strateg
     from ttc_vllm.testbed.metrics import MarkerIds, thinking_tokens
 
     cap = 40   # a hard-tier trace needs ~105 thinking tokens: every trace hits the cap
-    controls = TTCOptions(max_think=cap, conclusion="<step>\n").sample_controls()
+    controls = TTCOptions(max_think=cap, conclusion="<step>\n", answer_prefix="\nAnswer: ").sample_controls()
     ids = MarkerIds.from_tokenizer(TOK)
     problem = task.Problem((812, 407, 695, 333, 904, 518, 276, 649))
     prompt = TOK.encode(task.prompt(problem), add_special_tokens=False)

@@ -527,7 +527,15 @@ def materialize(recipe: Path, policy_dir: Path, cache_root: Path) -> Path:
     target = cache_root / f"testbed-prm-{digest.hexdigest()[:16]}"
     if (target / "model.safetensors").exists():
         return target
-    body, _, _ = build(policy_dir)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()   # callers may print one-line errors on stderr
+    try:
+        body, _, _ = build(policy_dir)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     state = {f"model.{k}": v.contiguous() for k, v in body.state_dict().items()}
     state.update(load_file(str(recipe / HEAD_FILE)))
     cache_root.mkdir(parents=True, exist_ok=True)
