@@ -2,7 +2,7 @@
 majority@16, through real vLLM.
 
     python benchmarks/controls_voting.py [--problems 100] [--tiers medium,hard] [--cal-problems 40]
-                                         [--select-loss 1.0] [--model DIR]
+                                         [--budgets 112,128,160] [--select-loss 1.0] [--model DIR]
 
 Sampling at temperature 0.8. Trace j of problem i always has seed base + 64*i + j, so a halted
 trace is the prefix of the plain trace with the same seed (the processor edits no logits until
@@ -20,12 +20,17 @@ it forces EOS): the arms are paired, trace by trace.
    DeepConf's early exit: traces come in waves (--waves schedules, swept) and a problem stops
    sampling once >= --min-votes answers (swept) agree at a (weighted) share >= a --consensus value
    (swept). The adaptive exit without any halting is reported too, to separate the two.
-   The setting with the fewest tokens at <= --select-loss points below majority@16 is chosen,
-   separately without and with the adaptive exit.
+   A thinking cap (`max_think`, each of --budgets, forced --conclusion) is the third control
+   swept: the warm-up traces are sampled for real once per cap (same seeds), and the stop
+   rules and exits are simulated on top of the capped traces (a stop fires only within the
+   cap, before the forced conclusion). The setting with the fewest tokens at <= --select-loss
+   points below majority@16 is chosen for each arm: stop alone, stop + adaptive exit (both
+   uncapped, DeepConf-online), the cap alone, and cap + stop + adaptive exit.
 2. Evaluation slice (held-out seed), all for real in one engine: 16 plain traces per problem
    (majority@16, and majority@k of the first k traces as the cheap baseline to beat), the
-   chosen stop setting (16 traces, `HaltingOptions(action="stop", direction="below")`), and
-   the chosen adaptive setting run in waves, and the adaptive exit alone (with paired seeds exactly
+   chosen stop setting (16 traces, `HaltingOptions(action="stop", direction="below")`), the
+   chosen adaptive settings run in waves (uncapped, and capped), the cap alone (16 traces),
+   and the adaptive exit alone (with paired seeds exactly
    the first traces of the plain run, so read off it). Generated tokens count every token of every trace
    (stopped traces included); the warm-up slice is a one-off cost reported separately.
 
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,7 +62,7 @@ class Trace:
     tokens: int
     stopped: bool
     r: dict[str, np.ndarray] | None   # per-token series of the thinking block (None without log-probs)
-    weight: float = 1.0
+    weights: dict = field(default_factory=dict, repr=False)   # weight_of's memo: (window, min_tokens) ->
 
 
 @dataclass(frozen=True)
@@ -81,20 +86,30 @@ def seed_of(base: int, i: int, j: int) -> int:
     return base + SEED_STRIDE * i + j
 
 
-def stop_ttc(rule: Rule, tau: float, min_tokens: int) -> dict:
-    return {"halting": {"signal": rule.signal, "aggregate": "min", "window": rule.window,
-                        "threshold": float(tau), "direction": "below", "action": "stop",
-                        "min_tokens": min_tokens}}
+def arm_ttc(rule: Rule | None, tau: float | None, min_tokens: int, budget: int | None = None,
+            conclusion: str | None = None) -> dict | None:
+    """The request's TTC options: the stop rule and/or the thinking cap (None: plain)."""
+    ttc: dict = {}
+    if budget is not None:
+        ttc.update(max_think=int(budget), conclusion=conclusion)
+    if rule is not None:
+        ttc["halting"] = {"signal": rule.signal, "aggregate": "min", "window": rule.window,
+                          "threshold": float(tau), "direction": "below", "action": "stop",
+                          "min_tokens": min_tokens}
+    return ttc or None
 
 
 def sample(llm, ids, problems, jobs, base_seed: int, ttc: dict | None, temperature: float,
            max_tokens: int, logprobs: bool) -> dict[tuple[int, int], Trace]:
-    """Traces (i, j) for jobs [(problem index, trace index)] in one generate call."""
+    """Traces (i, j) for jobs [(problem index, trace index)] in one generate call. With a
+    thinking cap, the signal series stop at the cap: the forced conclusion after it is not
+    the model's (and no halting acts on it)."""
     from ttc_vllm.testbed.task import extract_answer, prompt
 
     kw = dict(temperature=temperature, max_tokens=max_tokens)
     if logprobs:
         kw["logprobs"] = 20
+    cap = (ttc or {}).get("max_think")
     reqs = [prompt(problems[i]) for i, _ in jobs]
     prm = [cc.params(ttc, seed=seed_of(base_seed, i, j), **kw) for i, j in jobs]
     outs = llm.generate(reqs, prm, use_tqdm=False)
@@ -103,9 +118,10 @@ def sample(llm, ids, problems, jobs, base_seed: int, ttc: dict | None, temperatu
         o = out.outputs[0]
         tids = list(o.token_ids)
         n_think = cc.first_think_len(tids, ids)
+        natural = min(n_think, cap) if cap is not None else n_think
         # a stopped trace ends with the forced EOS inside its thinking: it has no answer
         stopped = ids.think_end not in tids and bool(tids) and tids[-1] == ids.eos
-        r = ({name: np.array(cc.thinking_signal(o.logprobs, n_think, name, token_ids=tids), float)
+        r = ({name: np.array(cc.thinking_signal(o.logprobs, natural, name, token_ids=tids), float)
               for name in SERIES} if logprobs else None)
         res[(i, j)] = Trace(None if stopped else extract_answer(o.text), len(tids), stopped, r)
     return res
@@ -126,7 +142,7 @@ def simulate_stop(t: Trace, rule: Rule, tau: float, min_tokens: int) -> Trace:
     k = int(halt_points(f, np.array([tau]), "below", min_tokens)[0])
     if k > 0:
         return Trace(None, k + 1, True, {name: x[:k] for name, x in t.r.items()})
-    return Trace(t.answer, t.tokens, False, t.r)
+    return t
 
 
 def vote(traces: list[Trace], weighted: bool, window: int, min_tokens: int):
@@ -144,11 +160,15 @@ def vote(traces: list[Trace], weighted: bool, window: int, min_tokens: int):
 def weight_of(t: Trace, window: int, min_tokens: int) -> float:
     """DeepConf weighting: the trace's confidence (lowest group confidence; mean token
     confidence for traces shorter than a window)."""
-    if t.r is None or not len(t.r["token_confidence"]):
-        return 1.0
-    r = t.r["token_confidence"]
-    s = min_group(r, window, min_tokens)
-    return s if s == s else float(np.mean(r))
+    key = (window, min_tokens)
+    if key not in t.weights:
+        if t.r is None or not len(t.r["token_confidence"]):
+            t.weights[key] = 1.0
+        else:
+            r = t.r["token_confidence"]
+            s = min_group(r, window, min_tokens)
+            t.weights[key] = s if s == s else float(np.mean(r))
+    return t.weights[key]
 
 
 def consensus(traces: list[Trace], weighted: bool, window: int, min_tokens: int, share: float,
@@ -188,6 +208,9 @@ def run_policy(per_problem: list[list[Trace]], answers: list[int], weighted: boo
     return dict(accuracy=correct / n, tokens=tokens / n, traces=used / n, stopped_share=stopped / max(used, 1))
 
 
+ARMS = ("stop", "stop+adaptive", "cap", "cap+stop+adaptive")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cc.add_engine_args(ap)
@@ -206,6 +229,11 @@ def main() -> None:
     ap.add_argument("--consensus", default="0.95,0.75,0.6",
                     help="answer shares that end sampling (adaptive), swept on the warm-up slice")
     ap.add_argument("--min-votes", default="2,3", help="answers needed before the adaptive exit (swept)")
+    ap.add_argument("--budgets", default="112,128,160",
+                    help="thinking caps (max_think) swept on the warm-up slice ('' for none)")
+    ap.add_argument("--conclusion", default="<step>\n",
+                    help="the conclusion forced at the cap (the testbed's step tag: controls_budget.py "
+                         "shows it needs the smallest caps)")
     ap.add_argument("--select-loss", type=float, default=1.0,
                     help="accuracy loss (points) vs majority@16 allowed on the calibration slice")
     ap.add_argument("--max-tokens", type=int, default=400)
@@ -215,7 +243,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from ttc_vllm.calibrate import CALIBRATION_SEED, calibrate_entry
-    from ttc_vllm.options import HaltingOptions
+    from ttc_vllm.options import TTCOptions
     from ttc_vllm.testbed.evaluate import HELD_OUT_SEED
     from ttc_vllm.testbed.task import generate
 
@@ -230,6 +258,7 @@ def main() -> None:
              for w in (windows if sig == "group_confidence" else [1])]
     if any(r.signal not in ("group_confidence", "sampled_margin") for r in rules):
         raise SystemExit("--signals: group_confidence and/or sampled_margin")
+    budgets = [int(x) for x in a.budgets.split(",") if x.strip()]
     shares = [float(x) for x in a.consensus.split(",")]
     exits = [(x, w, mv) for x in shares for w in schedules for mv in min_votes]
     percentiles = [float(x) for x in a.percentiles.split(",")]
@@ -239,95 +268,114 @@ def main() -> None:
     ids = cc.Ids.of(llm)
     sargs = dict(temperature=a.temperature, max_tokens=a.max_tokens)
 
-    # 1. warm-up traces on the calibration slice, offline sweep
+    def ttc_of(s: dict) -> dict | None:
+        rule = Rule(s["signal"], s["window"]) if s["signal"] != "none" else None
+        ttc = arm_ttc(rule, s["threshold"], a.min_tokens, s["budget"], a.conclusion)
+        if ttc is not None:
+            TTCOptions.model_validate(ttc)   # what the engine will be sent must be valid
+        return ttc
+
+    # 1. warm-up traces on the calibration slice (plain, then once per cap), offline sweep
     cal_probs = [p for t in tiers for p in generate(t, a.cal_problems, CALIBRATION_SEED)]
-    cal = sample(llm, ids, cal_probs, [(i, j) for i in range(len(cal_probs)) for j in range(K)],
-                 CALIBRATION_SEED, None, logprobs=True, **sargs)
-    cal_pp = [[cal[(i, j)] for j in range(K)] for i in range(len(cal_probs))]
+    cal_jobs = [(i, j) for i in range(len(cal_probs)) for j in range(K)]
     cal_ans = [p.answer for p in cal_probs]
-    warmup_tokens = sum(t.tokens for t in cal.values())
-    base_cal = run_policy(cal_pp, cal_ans, False, 16, 0, None, 1.0, 1)
-    print(f"warm-up slice: {len(cal_probs)} problems x {K}: majority@16 {base_cal['accuracy']:.1%}, "
-          f"{base_cal['tokens']:.0f} tokens/problem ({time.time() - t0:.0f}s)", flush=True)
+    warmup_tokens = 0
     sweep = []
-    for rule in rules:
-        for pc in percentiles:
-            entry = calibrate_entry([list(t.r[rule.series]) for t in cal.values()], signal=rule.signal,
-                                    aggregate="min", window=rule.window, direction="below", action="stop",
-                                    min_tokens=a.min_tokens, percentile=pc)
-            tau = entry["threshold"]
-            HaltingOptions.model_validate(stop_ttc(rule, tau, a.min_tokens)["halting"])
-            sim = [[simulate_stop(t, rule, tau, a.min_tokens) for t in ts] for ts in cal_pp]
-            for weighted in (False, True):
-                for share, sched, mv in [(None, None, None)] + exits:
-                    adaptive = share is not None
-                    r = run_policy(sim, cal_ans, weighted, rule.weight_window, a.min_tokens, sched,
-                                   share or 1.0, mv or 1)
-                    sweep.append(dict(signal=rule.signal, window=rule.window, percentile=pc, threshold=tau,
-                                      weighted=weighted, adaptive=adaptive, consensus=share, waves=sched,
-                                      min_votes=mv,
-                                      accuracy=r["accuracy"], tokens=r["tokens"],
-                                      loss_points=100 * (base_cal["accuracy"] - r["accuracy"]),
-                                      tokens_saved=1 - r["tokens"] / base_cal["tokens"],
-                                      stopped_share=r["stopped_share"], traces=r["traces"]))
-    # The adaptive exit alone (no halting): the first traces of the plain run, majority vote.
-    plain_adaptive = []
-    for share, sched, mv in exits:
-        r = run_policy(cal_pp, cal_ans, False, 16, 0, sched, share, mv)
-        plain_adaptive.append(dict(consensus=share, waves=sched, min_votes=mv, accuracy=r["accuracy"],
-                                   tokens=r["tokens"], traces=r["traces"],
-                                   loss_points=100 * (base_cal["accuracy"] - r["accuracy"]),
-                                   tokens_saved=1 - r["tokens"] / base_cal["tokens"]))
-    print("\nwarm-up slice sweep (stop rule applied offline to the paired plain traces):")
-    print(sweep_table(sweep))
-    print("adaptive exit without halting (majority vote): " + "; ".join(
-        f"consensus {x['consensus']:g} waves {x['waves']} min votes {x['min_votes']}: acc {x['accuracy']:.1%}, saved {x['tokens_saved']:.1%}"
-        for x in plain_adaptive))
-    ok = [x for x in plain_adaptive if x["loss_points"] <= a.select_loss + 1e-9]
-    chosen_plain = (max(ok, key=lambda x: x["tokens_saved"]) if ok
-                    else min(plain_adaptive, key=lambda x: x["loss_points"]))
+    base_cal = None
+    for budget in [None] + budgets:
+        cal = sample(llm, ids, cal_probs, cal_jobs, CALIBRATION_SEED,
+                     arm_ttc(None, None, 0, budget, a.conclusion), logprobs=True, **sargs)
+        cal_pp = [[cal[(i, j)] for j in range(K)] for i in range(len(cal_probs))]
+        warmup_tokens += sum(t.tokens for t in cal.values())
+        if budget is None:
+            base_cal = run_policy(cal_pp, cal_ans, False, 16, 0, None, 1.0, 1)
+            print(f"warm-up slice: {len(cal_probs)} problems x {K}: majority@16 {base_cal['accuracy']:.1%}, "
+                  f"{base_cal['tokens']:.0f} tokens/problem ({time.time() - t0:.0f}s)", flush=True)
+
+        def add(r: dict, **setting) -> None:
+            sweep.append(dict(setting, budget=budget, accuracy=r["accuracy"], tokens=r["tokens"],
+                              loss_points=100 * (base_cal["accuracy"] - r["accuracy"]),
+                              tokens_saved=1 - r["tokens"] / base_cal["tokens"],
+                              stopped_share=r["stopped_share"], traces=r["traces"]))
+
+        # no stop rule: the plain (or capped) traces, majority vote, with or without the exit
+        for share, sched, mv in [(None, None, None)] + exits:
+            r = run_policy(cal_pp, cal_ans, False, 16, 0, sched, share or 1.0, mv or 1)
+            add(r, signal="none", window=0, percentile=None, threshold=None, weighted=False,
+                adaptive=share is not None, consensus=share, waves=sched, min_votes=mv)
+        for rule in rules:
+            for pc in percentiles:
+                entry = calibrate_entry([list(t.r[rule.series]) for t in cal.values()], signal=rule.signal,
+                                        aggregate="min", window=rule.window, direction="below",
+                                        action="stop", min_tokens=a.min_tokens, percentile=pc)
+                tau = entry["threshold"]
+                sim = [[simulate_stop(t, rule, tau, a.min_tokens) for t in ts] for ts in cal_pp]
+                for weighted in (False, True):
+                    for share, sched, mv in [(None, None, None)] + exits:
+                        r = run_policy(sim, cal_ans, weighted, rule.weight_window, a.min_tokens, sched,
+                                       share or 1.0, mv or 1)
+                        add(r, signal=rule.signal, window=rule.window, percentile=pc, threshold=tau,
+                            weighted=weighted, adaptive=share is not None, consensus=share, waves=sched,
+                            min_votes=mv)
+        if budget is not None:
+            cut = run_policy(cal_pp, cal_ans, False, 16, 0, None, 1.0, 1)
+            print(f"  cap {budget}: majority@16 {cut['accuracy']:.1%}, {cut['tokens']:.0f} tokens/problem "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    print(f"\nwarm-up slice sweep ({len(sweep)} settings; stop rules applied offline to the paired traces), "
+          "the 25 with the most tokens saved at <= --select-loss:")
+    ok_all = [s for s in sweep if s["loss_points"] <= a.select_loss + 1e-9]
+    print(sweep_table(sorted(ok_all, key=lambda s: -s["tokens_saved"])[:25]))
+    # What each arm may use: stop rules uncapped (DeepConf), the cap alone, all three together.
+    members = {
+        "stop": lambda s: s["budget"] is None and s["signal"] != "none" and not s["adaptive"],
+        "stop+adaptive": lambda s: s["budget"] is None and s["signal"] != "none" and s["adaptive"],
+        "cap": lambda s: s["budget"] is not None and s["signal"] == "none" and not s["adaptive"],
+        "cap+stop+adaptive": lambda s: s["budget"] is not None and s["signal"] != "none" and s["adaptive"],
+        "adaptive only (no halting)": lambda s: s["budget"] is None and s["signal"] == "none" and s["adaptive"],
+    }
     chosen = {}
-    for adaptive in (False, True):
-        ok = [s for s in sweep if s["adaptive"] == adaptive and s["loss_points"] <= a.select_loss + 1e-9]
-        if ok:
-            chosen[adaptive] = max(ok, key=lambda s: s["tokens_saved"])
-        else:
-            chosen[adaptive] = min((s for s in sweep if s["adaptive"] == adaptive),
-                                   key=lambda s: (s["loss_points"], -s["tokens_saved"]))
-        print(f"chosen ({'adaptive' if adaptive else 'stop only'}): {fmt(chosen[adaptive])}")
+    for arm, member in members.items():
+        cands = [s for s in sweep if member(s)]
+        if not cands:
+            continue
+        ok = [s for s in cands if s["loss_points"] <= a.select_loss + 1e-9]
+        chosen[arm] = (max(ok, key=lambda s: s["tokens_saved"]) if ok
+                       else min(cands, key=lambda s: (s["loss_points"], -s["tokens_saved"])))
+        print(f"chosen ({arm}): {fmt(chosen[arm])}")
 
     # 2. evaluation slice, for real
     ev_probs = [(t, p) for t in tiers for p in generate(t, a.problems, HELD_OUT_SEED)]
     probs = [p for _, p in ev_probs]
     n = len(probs)
+    seconds = {}
     t1 = time.time()
     base = sample(llm, ids, probs, [(i, j) for i in range(n) for j in range(K)], HELD_OUT_SEED, None,
                   logprobs=a.simulate, **sargs)
-    base_s = time.time() - t1
-    s0 = chosen[False]
-    rule0 = Rule(s0["signal"], s0["window"])
-    t1 = time.time()
-    stop = sample(llm, ids, probs, [(i, j) for i in range(n) for j in range(K)], HELD_OUT_SEED,
-                  stop_ttc(rule0, s0["threshold"], a.min_tokens), logprobs=s0["weighted"], **sargs)
-    stop_s = time.time() - t1
-    s1 = chosen[True]
-    rule1 = Rule(s1["signal"], s1["window"])
-    t1 = time.time()
-    adapt: dict[tuple[int, int], Trace] = {}
-    open_ = list(range(n))
-    done = 0
-    for w in s1["waves"]:
-        jobs = [(i, j) for i in open_ for j in range(done, done + w)]
-        adapt.update(sample(llm, ids, probs, jobs, HELD_OUT_SEED,
-                            stop_ttc(rule1, s1["threshold"], a.min_tokens), logprobs=s1["weighted"],
-                            **sargs))
-        done += w
-        open_ = [i for i in open_ if not consensus([adapt[(i, j)] for j in range(done)], s1["weighted"],
-                                                   rule1.weight_window, a.min_tokens, s1["consensus"],
-                                                   s1["min_votes"])]
-        if not open_:
-            break
-    adapt_s = time.time() - t1
+    seconds["majority@16"] = round(time.time() - t1, 1)
+    runs: dict[str, dict[tuple[int, int], Trace]] = {}
+    for arm in ("stop", "stop+adaptive", "cap", "cap+stop+adaptive"):
+        if arm not in chosen:
+            continue
+        s = chosen[arm]
+        ttc = ttc_of(s)
+        t1 = time.time()
+        if not s["adaptive"]:
+            runs[arm] = sample(llm, ids, probs, [(i, j) for i in range(n) for j in range(K)], HELD_OUT_SEED,
+                               ttc, logprobs=s["weighted"], **sargs)
+        else:
+            got: dict[tuple[int, int], Trace] = {}
+            open_, done = list(range(n)), 0
+            for w in s["waves"]:
+                jobs = [(i, j) for i in open_ for j in range(done, done + w)]
+                got.update(sample(llm, ids, probs, jobs, HELD_OUT_SEED, ttc, logprobs=s["weighted"], **sargs))
+                done += w
+                open_ = [i for i in open_ if not consensus(
+                    [got[(i, j)] for j in range(done)], s["weighted"], weight_window(s), a.min_tokens,
+                    s["consensus"], s["min_votes"])]
+                if not open_:
+                    break
+            runs[arm] = got
+        seconds[arm] = round(time.time() - t1, 1)
 
     rows = []
     for tier in tiers + ["all"]:
@@ -337,23 +385,23 @@ def main() -> None:
         for k in (1, 2, 4, 8, 16):
             r = run_policy([ts[:k] for ts in b_pp], ans, False, 16, 0, None, 1.0, 1)
             rows.append(dict(tier=tier, arm=f"majority@{k}", **r))
-        r = run_policy([[stop[(i, j)] for j in range(K)] for i in idx], ans, s0["weighted"],
-                       rule0.weight_window, a.min_tokens, None, 1.0, 1)
-        rows.append(dict(tier=tier, arm="stop", **r))
-        a_pp = [[adapt[(i, j)] for j in range(K) if (i, j) in adapt] for i in idx]
-        r = run_policy(a_pp, ans, s1["weighted"], rule1.weight_window, a.min_tokens, None, 1.0, 1)
-        rows.append(dict(tier=tier, arm="stop+adaptive", **r))
+        for arm, got in runs.items():
+            s = chosen[arm]
+            pp = [[got[(i, j)] for j in range(K) if (i, j) in got] for i in idx]
+            r = run_policy(pp, ans, s["weighted"], weight_window(s), a.min_tokens, None, 1.0, 1)
+            rows.append(dict(tier=tier, arm=arm, **r))
         # the adaptive exit alone: with paired seeds, exactly the first traces of the plain run
-        r = run_policy(b_pp, ans, False, 16, 0, chosen_plain["waves"], chosen_plain["consensus"],
-                       chosen_plain["min_votes"])
+        s = chosen["adaptive only (no halting)"]
+        r = run_policy(b_pp, ans, False, 16, 0, s["waves"], s["consensus"], s["min_votes"])
         rows.append(dict(tier=tier, arm="adaptive only (no halting)", **r))
-        # what the offline simulation predicts for the same settings (fidelity check)
-        for name, s, rule, wv in ((("stop (simulated)", s0, rule0, None),
-                                   ("stop+adaptive (simulated)", s1, rule1, s1["waves"])) if a.simulate else ()):
+        # what the offline simulation predicts for the uncapped settings (fidelity check)
+        for arm in (("stop", "stop+adaptive") if a.simulate else ()):
+            s = chosen[arm]
+            rule = Rule(s["signal"], s["window"])
             sim = [[simulate_stop(t, rule, s["threshold"], a.min_tokens) for t in ts] for ts in b_pp]
-            r = run_policy(sim, ans, s["weighted"], rule.weight_window, a.min_tokens, wv, s["consensus"] or 1.0,
-                           s["min_votes"] or 1)
-            rows.append(dict(tier=tier, arm=name, **r))
+            r = run_policy(sim, ans, s["weighted"], rule.weight_window, a.min_tokens, s["waves"],
+                           s["consensus"] or 1.0, s["min_votes"] or 1)
+            rows.append(dict(tier=tier, arm=f"{arm} (simulated)", **r))
     base_by = {r["tier"]: r for r in rows if r["arm"] == "majority@16"}
     for r in rows:
         b = base_by[r["tier"]]
@@ -366,10 +414,11 @@ def main() -> None:
                      f"{r['loss_points']:.1f}", f"{r['traces']:.1f}", cc.pct(r["stopped_share"])] for r in rows],
                    widths=[8, 28, 8, 9, 8, 10, 8, 9]))
     verdict = {}
-    for arm in ("stop", "stop+adaptive"):
+    for arm in runs:
         r = next(x for x in rows if x["tier"] == "all" and x["arm"] == arm)
         met = r["loss_points"] <= 1.0 + 1e-9 and r["tokens_saved"] >= 0.60
-        verdict[arm] = dict(tokens_saved=r["tokens_saved"], loss_points=r["loss_points"], met=met)
+        verdict[arm] = dict(tokens_saved=r["tokens_saved"], loss_points=r["loss_points"], met=met,
+                            stop_halting="stop" in arm)
         print(f"target ({arm}): >= 60% fewer tokens at equal accuracy (<= 1 point below majority@16) -> "
               f"saved {r['tokens_saved']:.1%}, loss {r['loss_points']:.1f} points: {'MET' if met else 'NOT MET'}")
     print(f"warm-up cost: {warmup_tokens} tokens once ({warmup_tokens / n:.0f} per evaluation problem if "
@@ -379,42 +428,57 @@ def main() -> None:
         "model": cc.model_name(a), "temperature": a.temperature, "k": K, "tiers": tiers,
         "max_tokens": a.max_tokens, "halting": "signal swept / min / direction below / action stop",
         "signals": [r.signal for r in rules], "min_tokens": a.min_tokens, "waves_swept": schedules,
-        "consensus_swept": shares, "min_votes_swept": min_votes,
-        "adaptive_only_warmup": plain_adaptive, "adaptive_only_chosen": chosen_plain,
+        "consensus_swept": shares, "min_votes_swept": min_votes, "budgets_swept": budgets,
+        "conclusion": a.conclusion,
         "warmup": {"seed": CALIBRATION_SEED, "problems_per_tier": a.cal_problems, "traces_per_problem": K,
                    "tokens": warmup_tokens, "majority16": base_cal, "select_loss_points": a.select_loss},
-        "sweep": sweep, "chosen": {"stop": s0, "stop+adaptive": s1},
+        "sweep": sweep, "chosen": chosen,
+        "chosen_ttc": {arm: ttc_of(s) for arm, s in chosen.items()},
         "evaluation": {"seed": HELD_OUT_SEED, "problems_per_tier": a.problems, "rows": rows,
-                       "seconds": {"majority16": round(base_s, 1), "stop": round(stop_s, 1),
-                                   "stop+adaptive": round(adapt_s, 1)}},
+                       "seconds": seconds},
         "target": {"tokens_saved_min": 0.60, "loss_points_max": 1.0, "verdict": verdict},
         "seconds": round(time.time() - t0, 1),
     })
-    plot(rows, tiers, cc.RESULTS / "controls_voting.png")
+    plot(rows, tiers, list(runs), cc.RESULTS / "controls_voting.png")
     print(f"wrote {path} and {cc.RESULTS / 'controls_voting.png'}")
     cc.shutdown(llm)
+
+
+def weight_window(s: dict) -> int:
+    return Rule(s["signal"], s["window"]).weight_window if s["signal"] != "none" else 16
 
 
 def fmt(s: dict) -> str:
     how = (f"adaptive (consensus {s['consensus']:g}, waves {s['waves']}, min votes {s['min_votes']})"
            if s["adaptive"] else "all 16")
-    win = f" window {s['window']}" if s["signal"] == "group_confidence" else ""
-    return (f"{s['signal']}{win}, percentile {s['percentile']:g} (tau {s['threshold']:.3f}), "
-            f"{'weighted' if s['weighted'] else 'majority'} vote, {how}: "
+    cap = f"cap {s['budget']}, " if s["budget"] is not None else ""
+    if s["signal"] == "none":
+        rule = "no stop rule"
+    else:
+        win = f" window {s['window']}" if s["signal"] == "group_confidence" else ""
+        rule = f"{s['signal']}{win}, percentile {s['percentile']:g} (tau {s['threshold']:.3f})"
+    return (f"{cap}{rule}, {'weighted' if s['weighted'] else 'majority'} vote, {how}: "
             f"acc {s['accuracy']:.1%} (loss {s['loss_points']:.1f} pts), tokens saved {s['tokens_saved']:.1%}")
 
 
 def sweep_table(sweep) -> str:
-    return cc.table(["signal", "window", "pct", "tau", "vote", "consensus", "waves", "acc", "loss pts", "saved",
-                     "stopped", "traces"],
-                    [[s["signal"], s["window"], f"{s['percentile']:g}", f"{s['threshold']:.3f}",
+    none = lambda s: s["signal"] == "none"  # noqa: E731
+    return cc.table(["cap", "signal", "window", "pct", "tau", "vote", "consensus", "waves", "acc", "loss pts",
+                     "saved", "stopped", "traces"],
+                    [[s["budget"] if s["budget"] is not None else "-", s["signal"],
+                      "-" if none(s) else s["window"], "-" if none(s) else f"{s['percentile']:g}",
+                      "-" if none(s) else f"{s['threshold']:.3f}",
                       "weighted" if s["weighted"] else "majority", f"{s['consensus']:g}" if s["adaptive"] else "-",
                       f"{','.join(map(str, s['waves']))} mv{s['min_votes']}" if s["waves"] else "-",
                       cc.pct(s["accuracy"]), f"{s['loss_points']:.1f}", cc.pct(s["tokens_saved"]),
                       cc.pct(s["stopped_share"]), f"{s['traces']:.1f}"] for s in sweep])
 
 
-def plot(rows, tiers, path) -> None:
+MARKERS = {"stop": ("s", "C0"), "stop+adaptive": ("D", "C1"), "adaptive only (no halting)": ("^", "C2"),
+           "cap": ("v", "C4"), "cap+stop+adaptive": ("*", "C3")}
+
+
+def plot(rows, tiers, arms, path) -> None:
     plt = cc.pyplot()
     fig, axes = plt.subplots(1, len(tiers) + 1, figsize=(4.2 * (len(tiers) + 1), 4))
     for ax, tier in zip(axes, tiers + ["all"]):
@@ -422,11 +486,11 @@ def plot(rows, tiers, path) -> None:
         maj = [r for r in rs if r["arm"].startswith("majority@")]
         ax.plot([r["tokens"] for r in maj], [100 * r["accuracy"] for r in maj], "o-", color="gray",
                 label="plain majority@k (k=1..16)")
-        for name, marker, color in (("stop", "s", "C0"), ("stop+adaptive", "D", "C1"),
-                                    ("adaptive only (no halting)", "^", "C2")):
+        for name in list(arms) + ["adaptive only (no halting)"]:
+            marker, color = MARKERS[name]
             r = next(x for x in rs if x["arm"] == name)
-            ax.scatter([r["tokens"]], [100 * r["accuracy"]], marker=marker, s=60, color=color, zorder=5,
-                       label=f"{name} ({100 * r['tokens_saved']:.0f}% fewer tokens)")
+            ax.scatter([r["tokens"]], [100 * r["accuracy"]], marker=marker, s=70 if marker == "*" else 50,
+                       color=color, zorder=5, label=f"{name} ({100 * r['tokens_saved']:.0f}% fewer tokens)")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_ylim(0, 100)
@@ -434,7 +498,7 @@ def plot(rows, tiers, path) -> None:
         ax.set_xlabel("generated tokens per problem (log)")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=6.5, loc="lower right")
     cc.save_figure(fig, path)
 
 
