@@ -532,6 +532,29 @@ def test_kernel_vocabulary_passes_match_torch(vocab):
     assert c.floats[0, C.F_PENDING].item() == pytest.approx(H.token_confidence(x[:1], 20).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("vocab", [1, 7, 40, 272, 4099])
+def test_kernel_row_log_sum_exp_and_entropy_match_torch(vocab):
+    """The kernel's own log-sum-exp and -H (small vocabularies; its exp is a polynomial in
+    SIMD loops) agree with torch's: wide ranges, masked (-inf) logits, lengths that are not
+    a multiple of the 8 lanes, logits far above 0; a fully masked row gives -inf, 0."""
+    from ttc_vllm import control_cpu
+
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=g) * torch.tensor([[1.0], [8.0], [40.0], [1e3], [3.0], [1.0]])
+    x[4] += 80.0                                       # exp(x) would overflow without the max shift
+    if vocab > 1:
+        x[5, ::2] = float("-inf")
+    e, bits = np.empty(vocab, np.float32), np.empty(vocab, np.int32)
+    got = torch.tensor([control_cpu._row_lse(row, True, e, bits) for row in x.numpy()], dtype=torch.float64)
+    # against float64 truth: torch's float32 -H (sum p x - lse) itself loses ~1e-5 at x ~ 80
+    x64 = x.double()
+    lse64 = torch.logsumexp(x64, -1)
+    torch.testing.assert_close(got[:, 0], lse64, rtol=1e-6, atol=2e-6)
+    torch.testing.assert_close(got[:, 1], H.neg_entropy(x64, lse64), rtol=1e-5, atol=1e-5)
+    masked = np.full(vocab, -np.inf, np.float32)
+    assert control_cpu._row_lse(masked, True, e, bits) == (-np.inf, 0.0)
+
+
 def test_numba_kernel_is_built_at_construction(monkeypatch, caplog):
     """The kernel is compiled (or loaded from cache) when the engine builds its processor,
     not at the first controlled request; a build failure leaves the eager step."""

@@ -360,13 +360,18 @@ class ThinkingController:
         # Passes over the whole vocabulary run vectorized before the kernel, on the rows
         # that may still be thinking after this step (the others never use their signal).
         x = logits.numpy()
+        lse_here = False
         if self._mode == HALT_OFF:
             top, lse, neg_ent = x[:, :0], self._no_rows, self._no_rows
+        elif x.shape[1] <= cpu.SORT_MAX_VOCAB:
+            # small vocabulary: one sort call here, log-sum-exp and -H inside the kernel
+            top, lse, neg_ent = cpu.top_logits(x, bool(self._mode & HALT_CONFIDENCE)), self._no_rows, self._no_rows
+            lse_here = True
         else:
             need = cpu.needs_signal(self._views[0], rows_np, slots_np, last_np, self.markers.think_start)
             top, lse, neg_ent = cpu.vocabulary_passes(logits, bool(self._mode & HALT_CONFIDENCE),
                                                       bool(self._mode & HALT_ENTROPY), need)
-        cpu.step_kernel(x, top, lse, neg_ent, rows_np, slots_np, last_np,
+        cpu.step_kernel(x, top, lse, neg_ent, lse_here, rows_np, slots_np, last_np,
                         _int64_numpy(out_len), self.markers.think_start, self.markers.think_end,
                         *self._views)
 

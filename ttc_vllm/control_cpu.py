@@ -4,8 +4,12 @@ Same state, same rules as `ThinkingController._advance` (the torch reference, wh
 the GPU runs and the tests compare this against), written as a loop over the batch rows.
 On CPU a step of ~100 small torch ops costs far more in dispatch than in arithmetic, and
 even the compiled graph pays dynamo's guards and wrappers every step. The kernel's whole
-budget step at batch 64 takes ~0.01 ms; with halting, the passes over the vocabulary
-(log-sum-exp, -H, the top-k) run vectorized before it (`vocabulary_passes`).
+budget step at batch 64 takes ~0.01 ms. With halting, the passes over the vocabulary are
+split by what is fastest here: for small vocabularies the kernel computes log-sum-exp and -H
+itself, on exactly the rows whose signal it uses (SIMD loops, `_row_lse`), and numpy's
+SIMD sort gives the top-k before the call; for large vocabularies all of it runs as
+vectorized torch passes before the call, on the rows that may still think
+(`vocabulary_passes`).
 
 Only rows with a slot are touched (the torch step also writes the null slot's bookkeeping;
 nothing reads it). Halting values are computed for the rows whose own signal needs them.
@@ -36,6 +40,62 @@ S_TOKEN, S_GROUP, S_ENTROPY, S_SAMPLED = H.SIGNAL_TOKEN, H.SIGNAL_GROUP, H.SIGNA
 A_MIN, A_TAIL = H.AGG_MIN, H.AGG_TAIL
 MAX_TOP_K = H.MAX_TOP_K
 NEG_INF = -math.inf
+F32 = np.float32
+LOG2E, LN2 = F32(1.4426950408889634), F32(0.6931471805599453)
+LANES = 8   # explicit accumulators: LLVM does not vectorize a float max reduction by itself
+# fastmath without "no NaNs / no infs": masked logits are -inf and must stay -inf
+SIMD_MATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+
+
+@numba.njit(cache=True, nogil=True, fastmath=SIMD_MATH)
+def _row_max(x):
+    v = x.shape[0]
+    acc = np.full(LANES, NEG_INF, np.float32)
+    j = 0
+    while j + LANES <= v:
+        for q in range(LANES):
+            y = x[j + q]
+            acc[q] = y if y > acc[q] else acc[q]
+        j += LANES
+    m = acc[0]
+    for q in range(1, LANES):
+        m = acc[q] if acc[q] > m else m
+    while j < v:
+        m = x[j] if x[j] > m else m
+        j += 1
+    return m
+
+
+@numba.njit(cache=True, nogil=True, fastmath=SIMD_MATH)
+def _row_lse(x, want_entropy, e, bits):
+    """(log-sum-exp, -H) of one float32 row, as torch computes them to ~1e-6. numba has
+    no vector exp (no SVML here), so exp is 2^n * 2^f with a degree-6 polynomial on
+    |f| <= 1/2 and 2^n from the exponent bits, in loops LLVM vectorizes; terms below
+    e^-87 (float32's smallest normal) count as 0. -H = sum e (x - m) / S - log S.
+    `e`, `bits`: scratch of the row's length."""
+    v = x.shape[0]
+    m = _row_max(x)
+    if m == NEG_INF:
+        return NEG_INF, F32(0.0)
+    for j in range(v):
+        y = max((x[j] - m) * LOG2E, F32(-125.0))
+        n = np.floor(y + F32(0.5))
+        t = (y - n) * LN2
+        e[j] = F32(1.0) + t * (F32(1.0) + t * (F32(0.5) + t * (F32(1 / 6) + t * (
+            F32(1 / 24) + t * (F32(1 / 120) + t * F32(1 / 720))))))
+        bits[j] = (np.int32(n) + np.int32(127)) << np.int32(23)
+    scale = bits.view(np.float32)
+    total = F32(0.0)
+    weighted = F32(0.0)
+    for j in range(v):
+        d = x[j] - m
+        live = d > F32(-87.0)
+        ej = e[j] * scale[j] if live else F32(0.0)
+        total += ej
+        if want_entropy:
+            weighted += ej * (d if live else F32(0.0))
+    log_total = math.log(total)
+    return m + log_total, (F32(weighted / total - log_total) if want_entropy else F32(0.0))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -81,14 +141,19 @@ def _row_signal(x, top_desc, lse, neg_entropy, signal, top_k, top_vals, top_ids)
 
 
 @numba.njit(cache=True, nogil=True)
-def step_kernel(logits, top_desc, lse, neg_entropy, rows, slots, last, out_len, think_start, think_end,
-                ints, floats, seqs, suppress, top_ids, top_logprobs,
+def step_kernel(logits, top_desc, lse, neg_entropy, lse_here, rows, slots, last, out_len, think_start,
+                think_end, ints, floats, seqs, suppress, top_ids, top_logprobs,
                 w_window, w_signal, w_agg, w_n, w_cnt, w_sum, w_min, r_ring, v_ring, v_ok):
+    """One controller step over the batch rows. With `lse_here` the kernel computes each
+    signal row's log-sum-exp and -H itself (`lse`, `neg_entropy` unused); else they come
+    precomputed by row. `top_desc`: each row's descending top logits (confidence rows)."""
     cap_len = seqs.shape[2]
     vocab = logits.shape[1]
     k_all = min(MAX_TOP_K, vocab)
     vals = np.empty(MAX_TOP_K, np.float64)
     idx = np.empty(MAX_TOP_K, np.int64)
+    scratch_e = np.empty(vocab if lse_here else 0, np.float32)
+    scratch_bits = np.empty(vocab if lse_here else 0, np.int32)
     for i in range(rows.shape[0]):
         s = slots[i]
         if s < 0:
@@ -211,7 +276,11 @@ def step_kernel(logits, top_desc, lse, neg_entropy, rows, slots, last, out_len, 
         # (`needs_signal` picked a superset of those rows for the vocabulary passes).
         if h_on and ph2 == THINKING:
             top_k = max(1, min(st[HTOPK], MAX_TOP_K))
-            raw = _row_signal(x, top_desc[row], lse[row], neg_entropy[row], signal, top_k, vals, idx)
+            if lse_here:
+                row_lse, row_neg_ent = _row_lse(x, signal == S_ENTROPY, scratch_e, scratch_bits)
+            else:
+                row_lse, row_neg_ent = lse[row], neg_entropy[row]
+            raw = _row_signal(x, top_desc[row], row_lse, row_neg_ent, signal, top_k, vals, idx)
             floats[s, PENDING] = raw
             if signal == S_SAMPLED:
                 for j in range(k_all):
@@ -255,6 +324,16 @@ def needs_signal(ints, rows, slots, last, think_start: int):
     ph = ints[s, PHASE]
     keep = (ints[s, HON] > 0) & ((ph == THINKING) | (ph == FORCING) | (last[controlled] == think_start))
     return rows[controlled][keep]
+
+
+def top_logits(x: np.ndarray, need_top: bool) -> np.ndarray:
+    """Each row's descending top-20 logits ([B, <=20]; [B, 0] unless `need_top`) by
+    numpy's SIMD sort, for the kernel that computes log-sum-exp and -H itself (small V).
+    All rows: sorting the few that do not think is cheaper than selecting the others."""
+    k = min(MAX_TOP_K, x.shape[1])
+    if not need_top:
+        return x[:, :0]
+    return np.ascontiguousarray(np.sort(x, axis=1)[:, :-k - 1:-1])
 
 
 def vocabulary_passes(logits, need_top: bool, need_entropy: bool, rows=None):
@@ -303,5 +382,6 @@ def warm_up(ctrl) -> None:
     start, instead of at the first controlled request: one call on zero rows."""
     x = np.zeros((1, 2), np.float32)
     none = np.zeros(0, np.int64)
-    step_kernel(x, x[:, :0], np.zeros(0, np.float32), np.zeros(0, np.float32), none, none, none,
-                none, 0, 0, *state_views(ctrl))
+    for lse_here in (True, False):
+        step_kernel(x, x[:, :0], np.zeros(0, np.float32), np.zeros(0, np.float32), lse_here, none, none,
+                    none, none, 0, 0, *state_views(ctrl))
