@@ -90,6 +90,16 @@ def test_plan_rejects_bad_grids(overrides, needle):
     assert needle in str(e.value)
 
 
+def test_adaptive_sampling_reaches_the_search_options_and_the_setup():
+    plan = small_plan(strategies=["majority"], ns=[2, 4], search={"adaptive": {"consensus": 0.8}})
+    for item in plan.items():
+        options = plan.options(item.strategy, item.n)
+        assert options.adaptive.consensus == 0.8 and options.adaptive.schedule(item.n) == (min(4, item.n),)
+        assert plan.setup(item)["options"]["adaptive"]["consensus"] == 0.8
+    # a record sampled all at once does not count as done for the adaptive plan
+    assert small_plan(strategies=["majority"], ns=[2]).setup(plan.items()[0]) != plan.setup(plan.items()[0])
+
+
 def test_plan_controls_reach_every_item_and_its_setup():
     plan = small_plan(controls={"max_think": 64, "conclusion": "<step>\n"})
     sent = json.loads(plan.sample_controls)
@@ -453,6 +463,10 @@ def bad_dataset(tmp_path):
     (["--engine-kwargs", "[1]"], "expected a JSON object"),
     (["--controls", "{max_think"], "--controls: not valid JSON"),
     (["--controls", '{"halting": {"signal": "vibes"}}'], "ttc.halting.signal"),
+    (["--adaptive", "[4]"], "--adaptive: expected a JSON object"),
+    (["--adaptive", '{"consensus": 2}'], "majority n=4: adaptive.consensus"),
+    (["--adaptive", '{"waves": [2, 1]}'], "adaptive.waves [2, 1] must sum to n (4)"),
+    (["--strategies", "beam", "--adaptive", "{}"], "adaptive applies only to strategies majority, weighted_vote"),
     (["--policy-replicas", "0"], "positive integer"),
 ])
 def test_job_evaluate_bad_arguments_one_line_exit_2(extra, needle, tmp_path, bad_dataset, capsys):

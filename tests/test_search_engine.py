@@ -151,6 +151,36 @@ def test_strategy_on_the_real_engine_and_prm(strategy, generator, prm_pool, toke
         assert all(len({c.trace.token_ids for c in r.candidates}) == len(r.candidates) for r in results)
 
 
+@pytest.mark.parametrize("strategy", ["majority", "weighted_vote"])
+def test_adaptive_sampling_stops_at_consensus_on_the_real_engine(strategy, generator, prm_pool, tokenizer):
+    """search.adaptive through the real policy (and PRM): easy problems, whose sampled
+    traces agree, stop after the first wave of 2; every search's traces are a prefix of the
+    wave schedule, and only what was sampled is counted (and scored, once per wave)."""
+    waves = (2, 2, 4)
+    options = SearchOptions(strategy=strategy, n=8, temperature=0.3, adaptive={"waves": waves})
+    problems = task.generate("easy", 3, seed=43) + task.generate("hard", 2, seed=43)
+    scorer = prm_pool if options.needs_scorer else None
+
+    async def run_all():
+        return await asyncio.gather(*(
+            run_search(encode(tokenizer, task.prompt(p)), generator, scorer, options, task.extract_answer)
+            for p in problems))
+
+    results = asyncio.run(run_all())
+    for problem, result in zip(problems[:3], results[:3]):
+        assert result.answer == str(problem.answer), result.text
+    assert sum(len(r.candidates) == 2 for r in results[:3]) >= 2
+    for problem, result in zip(problems, results):
+        sampled = len(result.candidates)
+        assert sampled in (2, 4, 8)
+        prompt = len(encode(tokenizer, task.prompt(problem)))
+        assert result.accounting.generated_tokens == sum(len(c.trace.token_ids) - prompt
+                                                         for c in result.candidates)
+        if strategy == "weighted_vote":
+            assert result.accounting.prm_traces == sampled
+            assert all(c.step_scores is not None for c in result.candidates)
+
+
 def test_killed_prm_actor_mid_search_is_replaced_and_searches_complete(generator, prm_pool, tokenizer):
     """Kill the PRM actor (a vLLM pooling engine) while beam searches wait on it: Ray
     restarts it, the pool retries the batch, and every search ends with its full beam."""

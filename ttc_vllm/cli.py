@@ -115,6 +115,9 @@ def _add_job_evaluate(job_sub) -> None:
     grid.add_argument("--controls", default=None,
                       help='in-engine thinking controls for every sampled trace, a JSON object of ttc '
                            'options, e.g. \'{"max_think": 120}\' or a halting rule (sampling strategies)')
+    grid.add_argument("--adaptive", default=None,
+                      help='adaptive sampling for majority / weighted_vote (search.adaptive), a JSON object, '
+                           'e.g. \'{"waves": [4, 4, 4, 4], "consensus": 0.75}\'')
     grid.add_argument("--step-delimiter", default=None,
                       help=r"step delimiter, backslash escapes allowed (default: the testbed's <step>; '\n\n' for real models)")
     run = ev.add_argument_group("models and cluster")

@@ -574,6 +574,9 @@ def plan_from_args(args) -> tuple[Plan, Any]:
     delimiter = parse_delimiter(args.step_delimiter)
     if delimiter is not None:
         search["step_delimiter"] = delimiter
+    adaptive = json_object_arg("--adaptive", getattr(args, "adaptive", None), "search.adaptive options")
+    if adaptive is not None:
+        search["adaptive"] = adaptive
     needs_prm = any(s != "majority" for s in args.strategies)
     prm_identity, prm_config = prm_config_from(args.prm_config) if needs_prm else (None, None)
     plan = Plan(problems, args.strategies, args.n, search, policy=args.policy or TESTBED_POLICY,

@@ -142,6 +142,10 @@ class SearchContext:
             chosen=chosen, candidates=candidates, accounting=a,
         )
 
+    def answer_of(self, candidate: Candidate) -> str | None:
+        """The answer a finished candidate gives (as a string), None if unfinished or none."""
+        return self._answer(candidate)
+
     def _answer(self, candidate: Candidate) -> str | None:
         if not candidate.finished:
             return None

@@ -2,7 +2,8 @@
 
 Rules that only matter to some strategies are checked only for them: beam_width must divide
 n for beam and dvts; truncation applies only to the sampling strategies (majority,
-weighted_vote, best_of_n).
+weighted_vote, best_of_n); adaptive sampling only to the voting ones (majority,
+weighted_vote), whose decision has a consensus to wait for.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ Strategy = Literal["majority", "weighted_vote", "best_of_n", "beam", "dvts", "mc
 Aggregation = Literal["min", "prod", "mean", "last"]
 SAMPLING_STRATEGIES = ("majority", "weighted_vote", "best_of_n")
 BEAM_STRATEGIES = ("beam", "dvts")
+VOTING_STRATEGIES = ("majority", "weighted_vote")
 
 
 def max_n() -> int:
@@ -47,6 +49,33 @@ class TruncateOptions(BaseModel):
     by: Literal["prm", "confidence"] = "prm"
 
 
+class AdaptiveOptions(BaseModel):
+    """Adaptive sampling (Adaptive-Consistency / DeepConf-online's early exit): the n traces
+    come in waves, and sampling stops after a wave once the leading answer holds at least
+    `consensus` of the votes (PRM-weighted for weighted_vote) among >= `min_votes` answered
+    traces. Easy problems stop after a wave or two; contested ones get all n."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # traces per wave, summing to n; None: waves of 4 (the last one smaller)
+    waves: tuple[int, ...] | None = Field(None, min_length=1, max_length=64)
+    consensus: float = Field(0.75, gt=0.5, le=1.0)
+    min_votes: int = Field(2, ge=1)
+
+    @field_validator("waves")
+    @classmethod
+    def _positive_waves(cls, waves: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if waves is not None and any(w < 1 for w in waves):
+            raise ValueError(f"every wave must hold at least 1 trace, got {list(waves)}")
+        return waves
+
+    def schedule(self, n: int) -> tuple[int, ...]:
+        """The wave sizes for n traces."""
+        if self.waves is not None:
+            return self.waves
+        return tuple(min(4, n - i) for i in range(0, n, 4))
+
+
 class MCTSOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -68,6 +97,7 @@ class SearchOptions(BaseModel):
     step_delimiter: str | None = Field(None, min_length=1)  # None: the generator's default
     mcts: MCTSOptions = MCTSOptions()
     truncate: TruncateOptions | None = None
+    adaptive: AdaptiveOptions | None = None
 
     @field_validator("n")
     @classmethod
@@ -96,6 +126,17 @@ class SearchOptions(BaseModel):
                     f"truncate.after_steps ({self.truncate.after_steps}) must be below "
                     f"max_steps ({self.max_steps})"
                 )
+        if self.adaptive is not None:
+            if self.strategy not in VOTING_STRATEGIES:
+                raise ValueError(
+                    f"adaptive applies only to strategies {', '.join(VOTING_STRATEGIES)}; "
+                    f"got strategy {self.strategy!r}"
+                )
+            if self.truncate is not None:
+                raise ValueError("adaptive and truncate cannot be combined (choose one way to save traces)")
+            waves = self.adaptive.waves
+            if waves is not None and sum(waves) != self.n:
+                raise ValueError(f"adaptive.waves {list(waves)} must sum to n ({self.n})")
         return self
 
     @property

@@ -1,0 +1,167 @@
+"""Voting that samples less: in-engine controls on every trace (a thinking cap, DeepConf stop
+of weak traces) plus adaptive sampling (`search.adaptive`: waves until the answers agree),
+against plain majority@16 on the same problems.
+
+    python benchmarks/adaptive_voting.py [--tiers medium,hard] [--problems 100] [--seed 30000]
+        [--controls JSON] [--adaptive JSON] [--out runs/bench/adaptive_voting]
+
+Three `ttc-vllm job evaluate` runs on a local Ray head (loopback; one policy replica, one PRM
+actor, real vLLM engines), each resumable in its own folder under --out:
+  plain           weighted_vote n=16, no controls: every trace is kept, so majority@16 (and
+                  PRM-weighted @16) are decided offline from the recorded candidates, and
+                  its generated tokens are the reference
+  majority        majority n=16 with --controls and --adaptive: log-prob signals only
+  weighted vote   weighted_vote n=16 with --controls and --adaptive: the consensus that ends
+                  sampling is PRM-weighted (each wave is scored as it arrives)
+Defaults: the controls that `controls_voting.py` chose on its calibration slice (cap 112 with
+the step conclusion; stop a trace when its lowest 16-token group confidence drops below
+12.456), and the exit chosen offline on `vote_rules_terms`' recorded hard-tier traces (held-
+out seed 10000): waves of 4, consensus 0.75. The problems here come from another seed
+(30000), so nothing was chosen on them. Generated tokens count every token of every sampled
+trace, stopped ones included. Paired: the same problems in every arm (not the same samples).
+Prints a table, writes benchmarks/results/adaptive_voting.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, save_figure, write_result  # noqa: E402
+from search_scaling import load_records, run_job  # noqa: E402
+
+from ttc_vllm.search.aggregate import aggregate_step_scores, decide  # noqa: E402
+
+N = 16
+BOOTSTRAP = 2000
+DEFAULT_CONTROLS = {"max_think": 112, "conclusion": "<step>\n",
+                    "halting": {"signal": "group_confidence", "aggregate": "min", "window": 16,
+                                "threshold": 12.456, "direction": "below", "action": "stop"}}
+DEFAULT_ADAPTIVE = {"waves": [4, 4, 4, 4], "consensus": 0.75, "min_votes": 2}
+
+
+def offline(record: dict, rule: str) -> str | None:
+    """majority or weighted_vote (min) over a plain record's 16 candidates."""
+    cands = record["candidates"]
+    answers = [c["answer"] for c in cands]
+    weights = [aggregate_step_scores(c["step_scores"], "min") if c["step_scores"] else 0.0 for c in cands]
+    i = decide(rule, answers, weights)
+    return None if i is None else answers[i]
+
+
+def paired_ci(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> list[float]:
+    """95 % bootstrap interval of mean(a - b) in points, over problems."""
+    d = (a.astype(float) - b.astype(float))
+    idx = rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))
+    return [round(100 * float(np.percentile(d[idx].mean(1), q)), 2) for q in (2.5, 97.5)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiers", default="medium,hard")
+    ap.add_argument("--problems", type=int, default=100, help="problems per tier")
+    ap.add_argument("--seed", type=int, default=30_000, help="testbed problem seed (default: a fresh slice)")
+    ap.add_argument("--controls", default=json.dumps(DEFAULT_CONTROLS))
+    ap.add_argument("--adaptive", default=json.dumps(DEFAULT_ADAPTIVE))
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/adaptive_voting"))
+    ap.add_argument("--summarize-only", action="store_true")
+    a = ap.parse_args()
+    controls, adaptive = json.loads(a.controls), json.loads(a.adaptive)
+
+    t0 = time.time()
+    common = ["--tiers", a.tiers, "--problems", str(a.problems), "--seed", str(a.seed), "--n", str(N),
+              "--concurrency", str(a.concurrency), "--num-cpus", "2", "--temperature", "0.8"]
+    arms = {"plain": (a.out / "plain", ["--strategies", "weighted_vote"]),
+            "majority": (a.out / "majority", ["--strategies", "majority", "--controls", a.controls,
+                                              "--adaptive", a.adaptive]),
+            "weighted_vote": (a.out / "weighted_vote", ["--strategies", "weighted_vote", "--controls",
+                                                        a.controls, "--adaptive", a.adaptive])}
+    seconds = {}
+    for name, (out, extra) in arms.items():
+        if not a.summarize_only:
+            t1 = time.time()
+            run_job([*common, *extra, "--out", str(out)])
+            seconds[name] = round(time.time() - t1, 1)
+    recs = {name: {(r["tier"], r["index"]): r for r in load_records(out) if r["n"] == N}
+            for name, (out, _) in arms.items()}
+    keys = sorted(set.intersection(*(set(r) for r in recs.values())))
+    if not keys:
+        sys.exit(f"no problems recorded by every arm under {a.out}")
+    rng = np.random.default_rng(0)
+    rows = []
+    tiers = a.tiers.split(",")
+    for tier in tiers + ["all"]:
+        ks = [k for k in keys if tier in ("all", k[0])]
+        plain = [recs["plain"][k] for k in ks]
+        base_ok = np.array([offline(r, "majority") == r["expected"] for r in plain])
+        base_tokens = float(np.mean([r["generated_tokens"] for r in plain]))
+        cells = [("majority@16 (plain)", base_ok, base_tokens, float(N)),
+                 ("weighted vote@16 (plain)", np.array([offline(r, "weighted_vote") == r["expected"] for r in plain]),
+                  base_tokens, float(N))]
+        for name, label in (("majority", "majority, controls + adaptive"),
+                            ("weighted_vote", "weighted vote, controls + adaptive")):
+            rs = [recs[name][k] for k in ks]
+            cells.append((label, np.array([bool(r["correct"]) for r in rs]),
+                          float(np.mean([r["generated_tokens"] for r in rs])),
+                          float(np.mean([len(r["candidates"]) for r in rs]))))
+        for label, ok, tokens, traces in cells:
+            rows.append(dict(tier=tier, arm=label, problems=len(ks), accuracy=float(ok.mean()), tokens=tokens,
+                             traces=traces, tokens_saved=1 - tokens / base_tokens,
+                             loss_points=100 * float(base_ok.mean() - ok.mean()),
+                             vs_majority16_ci95_points=paired_ci(ok, base_ok, rng)))
+    print(f"\n{len(keys)} problems (seed {a.seed}); tokens = generated tokens per problem, every sampled trace")
+    print(f"controls: {a.controls}\nadaptive: {a.adaptive}")
+    head = f"{'tier':8}{'arm':38}{'acc':>7}{'tokens':>8}{'traces':>8}{'saved':>8}{'loss pts':>10}  paired 95% CI"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        print(f"{r['tier']:8}{r['arm']:38}{100 * r['accuracy']:7.1f}{r['tokens']:8.0f}{r['traces']:8.1f}"
+              f"{100 * r['tokens_saved']:7.1f}%{r['loss_points']:10.1f}  {r['vs_majority16_ci95_points']}")
+    verdict = {}
+    for arm in ("majority, controls + adaptive", "weighted vote, controls + adaptive"):
+        r = next(x for x in rows if x["tier"] == "all" and x["arm"] == arm)
+        verdict[arm] = dict(tokens_saved=r["tokens_saved"], loss_points=r["loss_points"],
+                            met=r["tokens_saved"] >= 0.60 and r["loss_points"] <= 1.0 + 1e-9)
+        print(f"target ({arm}): >= 60% fewer tokens than majority@16 at <= 1 point loss -> "
+              f"saved {r['tokens_saved']:.1%}, loss {r['loss_points']:.1f}: {'MET' if verdict[arm]['met'] else 'NOT MET'}")
+    path = write_result("adaptive_voting", {
+        "tiers": tiers, "problems_per_tier": a.problems, "seed": a.seed, "n": N, "temperature": 0.8,
+        "controls": controls, "adaptive": adaptive, "rows": rows, "bootstrap": BOOTSTRAP,
+        "target": {"tokens_saved_min": 0.60, "loss_points_max": 1.0, "verdict": verdict},
+        "seconds": {**seconds, "total": round(time.time() - t0, 1)}})
+    plot(rows, tiers, RESULTS / "adaptive_voting.png")
+    print(f"wrote {path} and {RESULTS / 'adaptive_voting.png'}")
+
+
+def plot(rows, tiers, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    style = {"majority@16 (plain)": ("o", "gray"), "weighted vote@16 (plain)": ("s", "C0"),
+             "majority, controls + adaptive": ("D", "C1"), "weighted vote, controls + adaptive": ("*", "C3")}
+    fig, axes = plt.subplots(1, len(tiers) + 1, figsize=(4.2 * (len(tiers) + 1), 4))
+    for ax, tier in zip(axes, tiers + ["all"]):
+        for r in (x for x in rows if x["tier"] == tier):
+            marker, color = style[r["arm"]]
+            ax.scatter([r["tokens"]], [100 * r["accuracy"]], marker=marker, color=color, s=80 if marker == "*" else 50,
+                       label=f"{r['arm']} ({100 * r['tokens_saved']:.0f}% fewer)", zorder=5)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 100)
+        ax.set_title(tier)
+        ax.set_xlabel("generated tokens per problem (log)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="lower right")
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()
