@@ -3,7 +3,8 @@ of weak traces) plus adaptive sampling (`search.adaptive`: waves until the answe
 against plain majority@16 on the same problems.
 
     python benchmarks/adaptive_voting.py [--tiers medium,hard] [--problems 100] [--seed 30000]
-        [--controls JSON] [--adaptive JSON] [--out runs/bench/adaptive_voting]
+        [--controls JSON] [--adaptive JSON] [--out runs/bench/adaptive_voting] [--pool DIR ...]
+        [--result-name adaptive_voting]
 
 Three `ttc-vllm job evaluate` runs on a local Ray head (loopback; one policy replica, one PRM
 actor, real vLLM engines), each resumable in its own folder under --out:
@@ -72,6 +73,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/adaptive_voting"))
     ap.add_argument("--summarize-only", action="store_true")
+    ap.add_argument("--pool", type=Path, nargs="*", default=[],
+                    help="other --out folders of this script (other seeds) to summarize together with --out")
+    ap.add_argument("--result-name", default="adaptive_voting")
     a = ap.parse_args()
     controls, adaptive = json.loads(a.controls), json.loads(a.adaptive)
 
@@ -89,7 +93,9 @@ def main() -> None:
             t1 = time.time()
             run_job([*common, *extra, "--out", str(out)])
             seconds[name] = round(time.time() - t1, 1)
-    recs = {name: {(r["tier"], r["index"]): r for r in load_records(out) if r["n"] == N}
+    folders = [a.out, *a.pool]
+    recs = {name: {(f, r["tier"], r["index"]): r for f, base in enumerate(folders)
+                   for r in load_records(base / out.name) if r["n"] == N}
             for name, (out, _) in arms.items()}
     keys = sorted(set.intersection(*(set(r) for r in recs.values())))
     if not keys:
@@ -98,7 +104,7 @@ def main() -> None:
     rows = []
     tiers = a.tiers.split(",")
     for tier in tiers + ["all"]:
-        ks = [k for k in keys if tier in ("all", k[0])]
+        ks = [k for k in keys if tier in ("all", k[1])]
         plain = [recs["plain"][k] for k in ks]
         base_ok = np.array([offline(r, "majority") == r["expected"] for r in plain])
         base_tokens = float(np.mean([r["generated_tokens"] for r in plain]))
@@ -116,7 +122,8 @@ def main() -> None:
                              traces=traces, tokens_saved=1 - tokens / base_tokens,
                              loss_points=100 * float(base_ok.mean() - ok.mean()),
                              vs_majority16_ci95_points=paired_ci(ok, base_ok, rng)))
-    print(f"\n{len(keys)} problems (seed {a.seed}); tokens = generated tokens per problem, every sampled trace")
+    print(f"\n{len(keys)} problems ({', '.join(map(str, folders))}); tokens = generated tokens per problem, "
+          "every sampled trace")
     print(f"controls: {a.controls}\nadaptive: {a.adaptive}")
     head = f"{'tier':8}{'arm':38}{'acc':>7}{'tokens':>8}{'traces':>8}{'saved':>8}{'loss pts':>10}  paired 95% CI"
     print(head + "\n" + "-" * len(head))
@@ -130,13 +137,14 @@ def main() -> None:
                             met=r["tokens_saved"] >= 0.60 and r["loss_points"] <= 1.0 + 1e-9)
         print(f"target ({arm}): >= 60% fewer tokens than majority@16 at <= 1 point loss -> "
               f"saved {r['tokens_saved']:.1%}, loss {r['loss_points']:.1f}: {'MET' if verdict[arm]['met'] else 'NOT MET'}")
-    path = write_result("adaptive_voting", {
+    path = write_result(a.result_name, {
         "tiers": tiers, "problems_per_tier": a.problems, "seed": a.seed, "n": N, "temperature": 0.8,
+        "folders": [str(f) for f in folders], "problems": len(keys),
         "controls": controls, "adaptive": adaptive, "rows": rows, "bootstrap": BOOTSTRAP,
         "target": {"tokens_saved_min": 0.60, "loss_points_max": 1.0, "verdict": verdict},
         "seconds": {**seconds, "total": round(time.time() - t0, 1)}})
-    plot(rows, tiers, RESULTS / "adaptive_voting.png")
-    print(f"wrote {path} and {RESULTS / 'adaptive_voting.png'}")
+    plot(rows, tiers, RESULTS / f"{a.result_name}.png")
+    print(f"wrote {path} and {RESULTS / (a.result_name + '.png')}")
 
 
 def plot(rows, tiers, path) -> None:

@@ -273,7 +273,8 @@ def step_kernel(logits, top_desc, lse, neg_entropy, lse_here, rows, slots, last,
         elif trig:
             reason, hstep = (R_STOP if h_stop else R_HALT), count1
         # The signal of these logits is pushed next step only if the row is then thinking
-        # (`needs_signal` picked a superset of those rows for the vocabulary passes).
+        # (for large vocabularies `needs_signal` picked a superset of those rows for the
+        # vocabulary passes; for small ones the kernel computes them here, for exactly these).
         if h_on and ph2 == THINKING:
             top_k = max(1, min(st[HTOPK], MAX_TOP_K))
             if lse_here:
@@ -329,7 +330,7 @@ def needs_signal(ints, rows, slots, last, think_start: int):
 def top_logits(x: np.ndarray, need_top: bool) -> np.ndarray:
     """Each row's descending top-20 logits ([B, <=20]; [B, 0] unless `need_top`) by
     numpy's SIMD sort, for the kernel that computes log-sum-exp and -H itself (small V).
-    All rows: sorting the few that do not think is cheaper than selecting the others."""
+    All rows, in one call: selecting the thinking rows first would cost three more."""
     k = min(MAX_TOP_K, x.shape[1])
     if not need_top:
         return x[:, :0]
