@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, save_figure, write_result  # noqa: E402
+from common import RESULTS, save_figure, style_accuracy_vs_tokens, write_result  # noqa: E402
 from search_scaling import load_records, run_job  # noqa: E402
 
 from ttc_vllm.search.aggregate import aggregate_step_scores, decide  # noqa: E402
@@ -161,13 +161,7 @@ def plot(rows, tiers, path) -> None:
             marker, color = style[r["arm"]]
             ax.scatter([r["tokens"]], [100 * r["accuracy"]], marker=marker, color=color, s=80 if marker == "*" else 50,
                        label=f"{r['arm']} ({100 * r['tokens_saved']:.0f}% fewer)", zorder=5)
-        ax.set_xscale("log")
-        ax.set_ylim(0, 100)
-        ax.set_title(tier)
-        ax.set_xlabel("generated tokens per problem (log)")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="lower right")
+        style_accuracy_vs_tokens(ax, tier)
     save_figure(fig, path)
 
 

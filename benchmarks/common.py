@@ -48,3 +48,17 @@ def save_figure(fig, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def style_accuracy_vs_tokens(ax, title: str) -> None:
+    """The axes of an accuracy-vs-generated-tokens panel (log x, 0-100 %), with its legend."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.set_xlabel("generated tokens per problem (log)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="lower right")

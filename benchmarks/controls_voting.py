@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import controls_common as cc
+from common import style_accuracy_vs_tokens
 from controls_halting import halt_points, series
 
 K = 16
@@ -491,14 +492,7 @@ def plot(rows, tiers, arms, path) -> None:
             r = next(x for x in rs if x["arm"] == name)
             ax.scatter([r["tokens"]], [100 * r["accuracy"]], marker=marker, s=70 if marker == "*" else 50,
                        color=color, zorder=5, label=f"{name} ({100 * r['tokens_saved']:.0f}% fewer tokens)")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())
-        ax.set_ylim(0, 100)
-        ax.set_title(tier)
-        ax.set_xlabel("generated tokens per problem (log)")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="lower right")
+        style_accuracy_vs_tokens(ax, tier)
     cc.save_figure(fig, path)
 
 
