@@ -21,6 +21,13 @@ out seed 10000): waves of 4, consensus 0.75. The problems here come from another
 (30000), so nothing was chosen on them. Generated tokens count every token of every sampled
 trace, stopped ones included. Paired: the same problems in every arm (not the same samples).
 Prints a table, writes benchmarks/results/adaptive_voting.json and .png.
+
+`--calibrate` chooses the exit instead, on a calibration slice (default seed 20000): a plain
+run and a run with the controls but no exit (all 16 traces, PRM-scored), then, offline, every
+exit of --waves x --consensus for both votes on the controlled traces in sampling order
+(traces are exchangeable, so the first k are a wave schedule's first waves). It prints the
+sweep and writes benchmarks/results/adaptive_voting_calibration.json with, per vote, the
+exit with the most tokens saved at <= --select-loss points below plain majority@16.
 """
 from __future__ import annotations
 
@@ -56,6 +63,71 @@ def offline(record: dict, rule: str) -> str | None:
     return None if i is None else answers[i]
 
 
+def simulate_exit(record: dict, weighted: bool, waves: list[int], consensus: float, min_votes: int):
+    """(correct, tokens, traces) of search.adaptive's exit replayed on a record's candidates
+    (sampling order): the rule of ttc_vllm/search/adaptive.py, decided like the search."""
+    cands = record["candidates"]
+    take = 0
+    for size in waves:
+        take = min(take + size, len(cands))
+        tally: dict[str, float] = {}
+        answered = 0
+        for c in cands[:take]:
+            if c["answer"] is None:
+                continue
+            answered += 1
+            w = aggregate_step_scores(c["step_scores"], "min") if weighted and c["step_scores"] else 1.0
+            tally[c["answer"]] = tally.get(c["answer"], 0.0) + (max(w, 0.0) if weighted else 1.0)
+        total = sum(tally.values())
+        if answered >= min_votes and total > 0 and max(tally.values()) / total >= consensus:
+            break
+    sub = {**record, "candidates": cands[:take]}
+    answer = offline(sub, "weighted_vote" if weighted else "majority")
+    return answer == record["expected"], sum(c["tokens"] for c in cands[:take]), take
+
+
+def calibrate(a, controls: dict) -> None:
+    common = ["--tiers", a.tiers, "--problems", str(a.problems), "--seed", str(a.seed), "--n", str(N),
+              "--concurrency", str(a.concurrency), "--num-cpus", "2", "--temperature", "0.8"]
+    plain_out, ctrl_out = a.out / "plain", a.out / "controls"
+    if not a.summarize_only:
+        run_job([*common, "--strategies", "weighted_vote", "--out", str(plain_out)])
+        run_job([*common, "--strategies", "weighted_vote", "--controls", a.controls, "--out", str(ctrl_out)])
+    plain = {(r["tier"], r["index"]): r for r in load_records(plain_out) if r["n"] == N}
+    ctrl = {(r["tier"], r["index"]): r for r in load_records(ctrl_out) if r["n"] == N}
+    keys = sorted(set(plain) & set(ctrl))
+    base_acc = float(np.mean([offline(plain[k], "majority") == plain[k]["expected"] for k in keys]))
+    base_tokens = float(np.mean([plain[k]["generated_tokens"] for k in keys]))
+    schedules = [[int(x) for x in w.split(",")] for w in a.waves.split(";") if w.strip()]
+    sweep = []
+    for weighted in (False, True):
+        for waves in schedules:
+            for c in (float(x) for x in a.consensus.split(",")):
+                sims = [simulate_exit(ctrl[k], weighted, waves, c, 2) for k in keys]
+                acc = float(np.mean([x[0] for x in sims]))
+                tokens = float(np.mean([x[1] for x in sims]))
+                sweep.append(dict(vote="weighted_vote" if weighted else "majority", waves=waves, consensus=c,
+                                  min_votes=2, accuracy=acc, tokens=tokens,
+                                  traces=float(np.mean([x[2] for x in sims])),
+                                  loss_points=100 * (base_acc - acc), tokens_saved=1 - tokens / base_tokens))
+    print(f"\ncalibration slice: {len(keys)} problems (seed {a.seed}); plain majority@16 {base_acc:.1%}, "
+          f"{base_tokens:.0f} tokens; exits replayed on the controlled traces ({a.controls})")
+    print(f"{'vote':15}{'waves':16}{'consensus':>10}{'acc':>7}{'loss pts':>10}{'saved':>8}{'traces':>8}")
+    for x in sweep:
+        print(f"{x['vote']:15}{','.join(map(str, x['waves'])):16}{x['consensus']:10g}{100 * x['accuracy']:7.1f}"
+              f"{x['loss_points']:10.1f}{100 * x['tokens_saved']:7.1f}%{x['traces']:8.1f}")
+    chosen = {}
+    for vote in ("majority", "weighted_vote"):
+        ok = [x for x in sweep if x["vote"] == vote and x["loss_points"] <= a.select_loss + 1e-9]
+        chosen[vote] = max(ok, key=lambda x: x["tokens_saved"]) if ok else None
+        print(f"chosen ({vote}): {chosen[vote]}")
+    path = write_result(a.result_name, {
+        "tiers": a.tiers.split(","), "problems_per_tier": a.problems, "seed": a.seed, "n": N,
+        "controls": controls, "select_loss_points": a.select_loss,
+        "plain_majority16": {"accuracy": base_acc, "tokens": base_tokens}, "sweep": sweep, "chosen": chosen})
+    print(f"wrote {path}")
+
+
 def paired_ci(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> list[float]:
     """95 % bootstrap interval of mean(a - b) in points, over problems."""
     d = (a.astype(float) - b.astype(float))
@@ -75,14 +147,28 @@ def main() -> None:
     ap.add_argument("--summarize-only", action="store_true")
     ap.add_argument("--pool", type=Path, nargs="*", default=[],
                     help="other --out folders of this script (other seeds) to summarize together with --out")
-    ap.add_argument("--result-name", default="adaptive_voting")
+    ap.add_argument("--result-name", default=None,
+                    help="default adaptive_voting (adaptive_voting_calibration with --calibrate)")
+    ap.add_argument("--plain-out", type=Path, default=None,
+                    help="the plain arm's folder (default OUT/plain): reuse another run's plain traces")
+    ap.add_argument("--calibrate", action="store_true", help="choose the exit on a calibration slice (see above)")
+    ap.add_argument("--waves", default="4,4,4,4;2,2,4,4,4", help="--calibrate: wave schedules swept")
+    ap.add_argument("--consensus", default="0.6,0.75,0.8,0.85,0.9,0.95,1.0", help="--calibrate: consensus swept")
+    ap.add_argument("--select-loss", type=float, default=1.0, help="--calibrate: points below majority@16 allowed")
     a = ap.parse_args()
     controls, adaptive = json.loads(a.controls), json.loads(a.adaptive)
+    if a.calibrate:
+        if a.seed == 30_000:
+            a.seed = 20_000   # the calibration slice, never an evaluation one
+        a.result_name = a.result_name or "adaptive_voting_calibration"
+        calibrate(a, controls)
+        return
+    a.result_name = a.result_name or "adaptive_voting"
 
     t0 = time.time()
     common = ["--tiers", a.tiers, "--problems", str(a.problems), "--seed", str(a.seed), "--n", str(N),
               "--concurrency", str(a.concurrency), "--num-cpus", "2", "--temperature", "0.8"]
-    arms = {"plain": (a.out / "plain", ["--strategies", "weighted_vote"]),
+    arms = {"plain": (a.plain_out or a.out / "plain", ["--strategies", "weighted_vote"]),
             "majority": (a.out / "majority", ["--strategies", "majority", "--controls", a.controls,
                                               "--adaptive", a.adaptive]),
             "weighted_vote": (a.out / "weighted_vote", ["--strategies", "weighted_vote", "--controls",
@@ -95,7 +181,7 @@ def main() -> None:
             seconds[name] = round(time.time() - t1, 1)
     folders = [a.out, *a.pool]
     recs = {name: {(f, r["tier"], r["index"]): r for f, base in enumerate(folders)
-                   for r in load_records(base / out.name) if r["n"] == N}
+                   for r in load_records(out if f == 0 else base / out.name) if r["n"] == N}
             for name, (out, _) in arms.items()}
     keys = sorted(set.intersection(*(set(r) for r in recs.values())))
     if not keys:
