@@ -51,6 +51,7 @@ BOOTSTRAP = 2000
 DEFAULT_CONTROLS = {"max_think": 112, "conclusion": "<step>\n",
                     "halting": {"signal": "group_confidence", "aggregate": "min", "window": 16,
                                 "threshold": 12.456, "direction": "below", "action": "stop"}}
+ARM_LABELS = {"majority": "majority, controls + adaptive", "weighted_vote": "weighted vote, controls + adaptive"}
 DEFAULT_ADAPTIVE = {"waves": [4, 4, 4, 4], "consensus": 0.75, "min_votes": 2}
 
 
@@ -151,6 +152,8 @@ def main() -> None:
                     help="default adaptive_voting (adaptive_voting_calibration with --calibrate)")
     ap.add_argument("--plain-out", type=Path, default=None,
                     help="the plain arm's folder (default OUT/plain): reuse another run's plain traces")
+    ap.add_argument("--arms", default="majority,weighted_vote",
+                    help="controlled arms to run and report (besides plain): majority and/or weighted_vote")
     ap.add_argument("--calibrate", action="store_true", help="choose the exit on a calibration slice (see above)")
     ap.add_argument("--waves", default="4,4,4,4;2,2,4,4,4", help="--calibrate: wave schedules swept")
     ap.add_argument("--consensus", default="0.6,0.75,0.8,0.85,0.9,0.95,1.0", help="--calibrate: consensus swept")
@@ -173,6 +176,10 @@ def main() -> None:
                                               "--adaptive", a.adaptive]),
             "weighted_vote": (a.out / "weighted_vote", ["--strategies", "weighted_vote", "--controls",
                                                         a.controls, "--adaptive", a.adaptive])}
+    chosen_arms = [x.strip() for x in a.arms.split(",") if x.strip()]
+    if not chosen_arms or any(x not in ARM_LABELS for x in chosen_arms):
+        ap.error(f"--arms: choose from {', '.join(ARM_LABELS)}")
+    arms = {name: v for name, v in arms.items() if name == "plain" or name in chosen_arms}
     seconds = {}
     for name, (out, extra) in arms.items():
         if not a.summarize_only:
@@ -197,8 +204,7 @@ def main() -> None:
         cells = [("majority@16 (plain)", base_ok, base_tokens, float(N)),
                  ("weighted vote@16 (plain)", np.array([offline(r, "weighted_vote") == r["expected"] for r in plain]),
                   base_tokens, float(N))]
-        for name, label in (("majority", "majority, controls + adaptive"),
-                            ("weighted_vote", "weighted vote, controls + adaptive")):
+        for name, label in ((x, ARM_LABELS[x]) for x in chosen_arms):
             rs = [recs[name][k] for k in ks]
             cells.append((label, np.array([bool(r["correct"]) for r in rs]),
                           float(np.mean([r["generated_tokens"] for r in rs])),
@@ -217,7 +223,7 @@ def main() -> None:
         print(f"{r['tier']:8}{r['arm']:38}{100 * r['accuracy']:7.1f}{r['tokens']:8.0f}{r['traces']:8.1f}"
               f"{100 * r['tokens_saved']:7.1f}%{r['loss_points']:10.1f}  {r['vs_majority16_ci95_points']}")
     verdict = {}
-    for arm in ("majority, controls + adaptive", "weighted vote, controls + adaptive"):
+    for arm in (ARM_LABELS[x] for x in chosen_arms):
         r = next(x for x in rows if x["tier"] == "all" and x["arm"] == arm)
         verdict[arm] = dict(tokens_saved=r["tokens_saved"], loss_points=r["loss_points"],
                             met=r["tokens_saved"] >= 0.60 and r["loss_points"] <= 1.0 + 1e-9)
