@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save_figure, style_accuracy_vs_tokens, write_result  # noqa: E402
 from search_scaling import load_records, run_job  # noqa: E402
 
-from ttc_vllm.search.aggregate import aggregate_step_scores, decide  # noqa: E402
+from ttc_vllm.search.aggregate import aggregate_step_scores, decide, leading_share  # noqa: E402
 
 N = 16
 BOOTSTRAP = 2000
@@ -68,19 +68,13 @@ def simulate_exit(record: dict, weighted: bool, waves: list[int], consensus: flo
     """(correct, tokens, traces) of search.adaptive's exit replayed on a record's candidates
     (sampling order): the rule of ttc_vllm/search/adaptive.py, decided like the search."""
     cands = record["candidates"]
+    answers = [c["answer"] for c in cands]
+    weights = [aggregate_step_scores(c["step_scores"], "min") if weighted and c["step_scores"] else 1.0
+               for c in cands]
     take = 0
     for size in waves:
         take = min(take + size, len(cands))
-        tally: dict[str, float] = {}
-        answered = 0
-        for c in cands[:take]:
-            if c["answer"] is None:
-                continue
-            answered += 1
-            w = aggregate_step_scores(c["step_scores"], "min") if weighted and c["step_scores"] else 1.0
-            tally[c["answer"]] = tally.get(c["answer"], 0.0) + (max(w, 0.0) if weighted else 1.0)
-        total = sum(tally.values())
-        if answered >= min_votes and total > 0 and max(tally.values()) / total >= consensus:
+        if leading_share(answers[:take], weights[:take], min_votes) >= consensus:
             break
     sub = {**record, "candidates": cands[:take]}
     answer = offline(sub, "weighted_vote" if weighted else "majority")

@@ -174,16 +174,12 @@ def weight_of(t: Trace, window: int, min_tokens: int) -> float:
 
 def consensus(traces: list[Trace], weighted: bool, window: int, min_tokens: int, share: float,
               min_votes: int) -> bool:
-    tally: dict[int, float] = {}
-    n = 0
-    for t in traces:
-        if t.answer is None:
-            continue
-        n += 1
-        tally[t.answer] = tally.get(t.answer, 0.0) + (weight_of(t, window, min_tokens) if weighted else 1.0)
-    if n < min_votes or not tally:
-        return False
-    return max(tally.values()) / sum(tally.values()) >= share
+    """search.adaptive's exit rule (`aggregate.leading_share`), with DeepConf weights when weighted."""
+    from ttc_vllm.search.aggregate import leading_share
+
+    answers = [t.answer for t in traces]
+    weights = [weight_of(t, window, min_tokens) if weighted and t.answer is not None else 1.0 for t in traces]
+    return leading_share(answers, weights, min_votes) >= share
 
 
 def run_policy(per_problem: list[list[Trace]], answers: list[int], weighted: bool, window: int,

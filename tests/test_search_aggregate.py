@@ -65,3 +65,15 @@ def test_decide_dispatches_each_rule_and_rejects_unknown():
     assert decide("best_of_n", answers, weights) == 0         # the unanswered 1.0 does not count
     with pytest.raises(ValueError, match="unknown decision rule 'max'"):
         decide("max", answers, weights)
+
+
+def test_leading_share_counts_answered_weight_only():
+    from ttc_vllm.search.aggregate import leading_share
+
+    assert leading_share(["7", "8", "7", None], [1.0] * 4) == pytest.approx(2 / 3)
+    assert leading_share(["7", "8", None], [0.2, 0.6, 5.0]) == pytest.approx(0.75)   # unanswered weight ignored
+    assert leading_share(["7", "8"], [-1.0, 0.5]) == 1.0                            # negative weight counts as 0
+    assert leading_share(["7", None], [1.0, 1.0], min_votes=2) == 0.0               # too few answers
+    assert leading_share(["7", "8"], [0.0, 0.0]) == 0.0 and leading_share([None], [1.0]) == 0.0
+    with pytest.raises(ValueError, match="2 answers but 1 weights"):
+        leading_share(["7", "8"], [1.0])

@@ -360,13 +360,10 @@ def vocabulary_passes(logits, need_top: bool, need_entropy: bool, rows=None):
     lse = lse_t.numpy()
     neg_ent = H.neg_entropy(logits, lse_t).numpy() if need_entropy else lse
     x = logits.numpy()
-    k = min(MAX_TOP_K, x.shape[1])
-    if not need_top:
-        top = x[:, :0]
-    elif x.shape[1] <= SORT_MAX_VOCAB:
-        top = np.ascontiguousarray(np.sort(x, axis=1)[:, :-k - 1:-1])
+    if not need_top or x.shape[1] <= SORT_MAX_VOCAB:
+        top = top_logits(x, need_top)
     else:
-        top = torch.topk(logits, k, dim=-1).values.contiguous().numpy()
+        top = torch.topk(logits, min(MAX_TOP_K, x.shape[1]), dim=-1).values.contiguous().numpy()
     return top, lse, neg_ent
 
 

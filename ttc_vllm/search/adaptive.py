@@ -8,8 +8,7 @@ not sampled are the saving, and agreement on easy problems is what triggers it.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+from ttc_vllm.search.aggregate import leading_share
 from ttc_vllm.search.context import SearchContext
 from ttc_vllm.search.protocols import Candidate
 
@@ -25,24 +24,8 @@ async def sample_in_waves(ctx: SearchContext, weighted: bool) -> list[Candidate]
     for size in rule.schedule(options.n):
         [wave] = await ctx.complete([ctx.root], size, options.max_steps)
         traces += await ctx.score(wave) if weighted else wave
-        if leading_share(ctx, traces, weighted, rule.min_votes) >= rule.consensus:
+        answers = [ctx.answer_of(c) for c in traces]
+        weights = [(c.score or 0.0) if weighted else 1.0 for c in traces]
+        if leading_share(answers, weights, rule.min_votes) >= rule.consensus:
             break
     return traces
-
-
-def leading_share(ctx: SearchContext, traces: Sequence[Candidate], weighted: bool, min_votes: int) -> float:
-    """The leading answer's share of the (weighted) votes; 0 below `min_votes` answers or
-    when no answered trace has a positive weight."""
-    tally: dict[str, float] = {}
-    answered = 0
-    for c in traces:
-        answer = ctx.answer_of(c)
-        if answer is None:
-            continue
-        answered += 1
-        weight = (c.score or 0.0) if weighted else 1.0
-        tally[answer] = tally.get(answer, 0.0) + max(weight, 0.0)
-    total = sum(tally.values())
-    if answered < min_votes or total <= 0.0:
-        return 0.0
-    return max(tally.values()) / total

@@ -42,6 +42,19 @@ def _tally(answers: Sequence[Hashable | None], weights: Sequence[float]) -> dict
     return totals
 
 
+def leading_share(answers: Sequence[Hashable | None], weights: Sequence[float], min_votes: int = 1) -> float:
+    """The leading answer's share of the total weight (negative weights count as 0); 0.0
+    when fewer than `min_votes` candidates answered or no answer has positive weight. What
+    adaptive sampling's exit compares with its consensus."""
+    if len(answers) != len(weights):
+        raise ValueError(f"{len(answers)} answers but {len(weights)} weights")
+    if sum(a is not None for a in answers) < min_votes:
+        return 0.0
+    totals = _tally(answers, [max(w, 0.0) for w in weights])
+    total = sum(totals.values())
+    return max(totals.values()) / total if total > 0.0 else 0.0
+
+
 def _best_candidate_of(answer: Hashable, answers: Sequence[Hashable | None],
                        weights: Sequence[float]) -> int:
     best = None

@@ -124,7 +124,7 @@ class SearchContext:
         the latter two weigh by the aggregated PRM score) and close the accounting."""
         if rule not in DECISION_RULES:
             raise ValueError(f"unknown decision rule {rule!r}")
-        candidates = [replace(c, answer=self._answer(c)) for c in candidates]
+        candidates = [replace(c, answer=self.answer_of(c)) for c in candidates]
         answers = [c.answer for c in candidates]
         weights = [c.score if c.score is not None else 0.0 for c in candidates]
         index = decide(rule, answers, weights)
@@ -144,9 +144,6 @@ class SearchContext:
 
     def answer_of(self, candidate: Candidate) -> str | None:
         """The answer a finished candidate gives (as a string), None if unfinished or none."""
-        return self._answer(candidate)
-
-    def _answer(self, candidate: Candidate) -> str | None:
         if not candidate.finished:
             return None
         value = self.extract_answer(candidate.trace.text)
