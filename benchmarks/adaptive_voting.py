@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, save_figure, style_accuracy_vs_tokens, write_result  # noqa: E402
+from common import RESULTS, bootstrap_interval, save_figure, style_accuracy_vs_tokens, write_result  # noqa: E402
 from search_scaling import load_records, run_job  # noqa: E402
 
 from ttc_vllm.search.aggregate import aggregate_step_scores, decide, leading_share  # noqa: E402
@@ -125,9 +125,8 @@ def calibrate(a, controls: dict) -> None:
 
 def paired_ci(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> list[float]:
     """95 % bootstrap interval of mean(a - b) in points, over problems."""
-    d = (a.astype(float) - b.astype(float))
-    idx = rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))
-    return [round(100 * float(np.percentile(d[idx].mean(1), q)), 2) for q in (2.5, 97.5)]
+    lo, hi = bootstrap_interval(a.astype(float) - b.astype(float), resamples=BOOTSTRAP, rng=rng)
+    return [round(100 * lo, 2), round(100 * hi, 2)]
 
 
 def main() -> None:

@@ -41,6 +41,20 @@ def write_result(name: str, data: dict) -> Path:
     return path
 
 
+def bootstrap_interval(values, statistic=None, resamples: int = 2000, rng=0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of `statistic` (default: the mean) of 1-D `values`.
+    `rng`: a seed or a numpy Generator (shared Generators keep several intervals reproducible
+    in the order they are drawn)."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    draws = values[rng.integers(0, len(values), size=(resamples, len(values)))]
+    stats = (statistic or np.mean)(draws, axis=1)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def save_figure(fig, path) -> None:
     """Lay out, write the PNG every benchmark writes (120 dpi), and free the figure."""
     import matplotlib.pyplot as plt

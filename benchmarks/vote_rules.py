@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, save_figure, write_result  # noqa: E402
+from common import RESULTS, bootstrap_interval, save_figure, write_result  # noqa: E402
 from search_scaling import load_records, run_job  # noqa: E402
 
 from ttc_vllm.search.aggregate import AGGREGATIONS, aggregate_step_scores, decide  # noqa: E402
@@ -80,9 +80,7 @@ def outcomes(records: list[dict], k: int) -> dict[str, np.ndarray]:
 def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
     """Mean of a - b (per problem) with a 95 % bootstrap interval over problems."""
     d = a - b
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
+    lo, hi = bootstrap_interval(d, resamples=BOOTSTRAP, rng=seed)
     return {"points": round(100 * d.mean(), 2), "ci95_points": [round(100 * lo, 2), round(100 * hi, 2)],
             "wins": int((d > 0).sum()), "losses": int((d < 0).sum())}
 
