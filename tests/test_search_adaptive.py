@@ -102,6 +102,36 @@ def test_weighted_vote_exits_on_prm_weighted_consensus():
     assert run("majority", completions, waves=[2, 2, 4, 4, 4])[1] == [2, 2]
 
 
+def test_counted_exit_ignores_prm_weights_and_scores_once_at_the_end():
+    """The same disagreeing first wave with exit_votes="counted": 1 of 2 is no consensus, so
+    weighted_vote samples on like majority; every trace is scored in one PRM call after the
+    last wave, and the decision is still PRM-weighted."""
+    right, wrong = trace(42), trace(43)
+    scorer = ScriptedScorer({"".join(right): [0.9, 0.9], "".join(wrong): [0.9, 0.1]})
+    # after wave 2: 42 has 2 of 4 counted votes (no consensus at 0.75), 43 has 2;
+    # after wave 3 (4 more 42s): 6 of 8 -> exit
+    completions = [wrong, right, wrong, right] + [right] * 12
+    result, calls = run("weighted_vote", completions, scorer=scorer, waves=[2, 2, 4, 4, 4],
+                        exit_votes="counted")
+    assert calls == [2, 2, 4] and result.answer == "42"
+    assert result.accounting.prm_calls == 1 and result.accounting.prm_traces == 8
+    assert all(c.step_scores is not None for c in result.candidates)
+    # weighted exit on the same traces stops after the first wave (0.9 of the weight)
+    assert run("weighted_vote", completions, scorer=scorer, waves=[2, 2, 4, 4, 4])[1] == [2]
+
+
+def test_counted_exit_decides_by_prm_weight():
+    """Counted agreement ends sampling (3 of 4 say 43), but the PRM distrusts those traces:
+    the weighted decision picks 42, which majority would not."""
+    right, wrong = trace(42), trace(43)
+    scorer = ScriptedScorer({"".join(right): [0.9, 0.9], "".join(wrong): [0.9, 0.05]})
+    completions = [wrong, wrong, wrong, right] + [right] * 12
+    result, calls = run("weighted_vote", completions, scorer=scorer, waves=[4, 4, 4, 4],
+                        exit_votes="counted")
+    assert calls == [4] and result.answer == "42"
+    assert run("majority", completions, waves=[4, 4, 4, 4])[0].answer == "43"
+
+
 def test_weighted_vote_scores_each_wave_once():
     scorer = FakeArithmeticPRM()
     problem = hard_problems(1, seed=3)[0]
@@ -122,6 +152,8 @@ def test_weighted_vote_scores_each_wave_once():
     (dict(strategy="majority", adaptive={"consensus": 1.5}), "adaptive.consensus"),
     (dict(strategy="majority", adaptive={"min_votes": 0}), "adaptive.min_votes"),
     (dict(strategy="majority", adaptive={"wave": 4}), "adaptive.wave"),
+    (dict(strategy="majority", adaptive={"exit_votes": "weighted"}), "adaptive.exit_votes 'weighted' needs"),
+    (dict(strategy="weighted_vote", adaptive={"exit_votes": "prm"}), "adaptive.exit_votes"),
     (dict(strategy="majority", adaptive={}, truncate={}), "cannot be combined"),
 ])
 def test_bad_adaptive_options_name_the_problem(bad, where):

@@ -151,13 +151,17 @@ def test_strategy_on_the_real_engine_and_prm(strategy, generator, prm_pool, toke
         assert all(len({c.trace.token_ids for c in r.candidates}) == len(r.candidates) for r in results)
 
 
-@pytest.mark.parametrize("strategy", ["majority", "weighted_vote"])
-def test_adaptive_sampling_stops_at_consensus_on_the_real_engine(strategy, generator, prm_pool, tokenizer):
+@pytest.mark.parametrize("strategy, exit_votes", [("majority", None), ("weighted_vote", None),
+                                                  ("weighted_vote", "counted")])
+def test_adaptive_sampling_stops_at_consensus_on_the_real_engine(strategy, exit_votes, generator, prm_pool,
+                                                                 tokenizer):
     """search.adaptive through the real policy (and PRM): easy problems, whose sampled
     traces agree, stop after the first wave of 2; every search's traces are a prefix of the
-    wave schedule, and only what was sampled is counted (and scored, once per wave)."""
+    wave schedule, and only what was sampled is counted and scored (once per wave with the
+    weighted exit, once per search with the counted one)."""
     waves = (2, 2, 4)
-    options = SearchOptions(strategy=strategy, n=8, temperature=0.3, adaptive={"waves": waves})
+    options = SearchOptions(strategy=strategy, n=8, temperature=0.3,
+                            adaptive={"waves": waves, "exit_votes": exit_votes})
     problems = task.generate("easy", 3, seed=43) + task.generate("hard", 2, seed=43)
     scorer = prm_pool if options.needs_scorer else None
 
@@ -179,6 +183,8 @@ def test_adaptive_sampling_stops_at_consensus_on_the_real_engine(strategy, gener
         if strategy == "weighted_vote":
             assert result.accounting.prm_traces == sampled
             assert all(c.step_scores is not None for c in result.candidates)
+            waves_sampled = {2: 1, 4: 2, 8: 3}[sampled]
+            assert result.accounting.prm_calls == (1 if exit_votes == "counted" else waves_sampled)
 
 
 def test_killed_prm_actor_mid_search_is_replaced_and_searches_complete(generator, prm_pool, tokenizer):

@@ -52,8 +52,13 @@ class TruncateOptions(BaseModel):
 class AdaptiveOptions(BaseModel):
     """Adaptive sampling (Adaptive-Consistency / DeepConf-online's early exit): the n traces
     come in waves, and sampling stops after a wave once the leading answer holds at least
-    `consensus` of the votes (PRM-weighted for weighted_vote) among >= `min_votes` answered
-    traces. Easy problems stop after a wave or two; contested ones get all n."""
+    `consensus` of the votes among >= `min_votes` answered traces. Easy problems stop after a
+    wave or two; contested ones get all n.
+
+    `exit_votes` says what the consensus counts: "weighted" (the traces' PRM scores; the
+    default for weighted_vote, which then scores each wave as it arrives) or "counted" (one
+    vote per answered trace; majority's only choice). weighted_vote with a counted exit
+    still decides by PRM weight, and scores the sampled traces once, after the last wave."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -61,6 +66,7 @@ class AdaptiveOptions(BaseModel):
     waves: tuple[int, ...] | None = Field(None, min_length=1, max_length=64)
     consensus: float = Field(0.75, gt=0.5, le=1.0)
     min_votes: int = Field(2, ge=1)
+    exit_votes: Literal["weighted", "counted"] | None = None   # None: weighted for weighted_vote
 
     @field_validator("waves")
     @classmethod
@@ -74,6 +80,10 @@ class AdaptiveOptions(BaseModel):
         if self.waves is not None:
             return self.waves
         return tuple(min(4, n - i) for i in range(0, n, 4))
+
+    def weighted_exit(self, strategy: str) -> bool:
+        """Whether the consensus is PRM-weighted for this strategy."""
+        return strategy == "weighted_vote" and self.exit_votes != "counted"
 
 
 class MCTSOptions(BaseModel):
@@ -134,6 +144,9 @@ class SearchOptions(BaseModel):
                 )
             if self.truncate is not None:
                 raise ValueError("adaptive and truncate cannot be combined (choose one way to save traces)")
+            if self.adaptive.exit_votes == "weighted" and self.strategy != "weighted_vote":
+                raise ValueError(f"adaptive.exit_votes 'weighted' needs strategy weighted_vote "
+                                 f"(PRM weights); strategy {self.strategy!r} counts votes")
             waves = self.adaptive.waves
             if waves is not None and sum(waves) != self.n:
                 raise ValueError(f"adaptive.waves {list(waves)} must sum to n ({self.n})")
