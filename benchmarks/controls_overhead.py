@@ -18,15 +18,26 @@ Reported: generated tokens/s per arm per round, and per round the ratio to plain
 round; the median ratio over rounds is the number, with a 95 % bootstrap interval over rounds
 (rounds are the paired units; on a shared 2-core machine one round's ratio spreads +-5-15 %,
 so tens of rounds are needed to resolve a 1-3 % overhead). Also tokens per CPU-second of the engine's
-process tree (less sensitive to other jobs on a shared machine than wall-clock time). Writes
-benchmarks/results/controls_overhead.json and .png.
+process tree (less sensitive to other jobs on a shared machine than wall-clock time).
+
+`--profile SECONDS` then samples the engine's worker process with py-spy (pip install py-spy)
+for SECONDS while each arm runs again, and reports the share of the worker loop's wall time
+spent inside the TTC processor (`apply` and `update_state`). The worker is on the critical
+path of every synchronous decode step, so 1 - share is the throughput ratio the processor's
+own work implies, resolved to a tenth of a point where the wall-clock ratios spread by
+several. Writes benchmarks/results/controls_overhead.json and .png.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import controls_common as cc
 import numpy as np
@@ -52,6 +63,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                    help="then sample the worker with py-spy for SECONDS per arm (see above)")
     ap.add_argument("--step-backend", default=None, choices=["auto", "numba", "compile", "eager"],
                     help="the controller step backend (TTC_VLLM_STEP; default: as set, else auto)")
     a = ap.parse_args()
@@ -131,9 +144,18 @@ def main() -> None:
     print(f"requests that did not run to max_tokens: {short_total} (must be 0)")
     print(f"share of generated tokens that are thinking (before </think>): {thinking['plain']:.1%}; "
           "the halting passes run on thinking rows only, so this share sets their cost")
+    profile = {}
+    if a.profile > 0:
+        for arm in arms:
+            profile[arm] = profile_processor_share(llm, prompts, prm[arm], a.profile)
+        print(f"\nworker-loop wall time inside the TTC processor (py-spy, {a.profile:g} s per arm):")
+        print(cc.table(["arm", "samples", "processor share", "implied ratio", "waiting for the scheduler"],
+                       [[arm, p["samples"], f"{p['processor_share']:.2%}", f"{1 - p['processor_share']:.3f}",
+                         f"{p['waiting_share']:.1%}"] for arm, p in profile.items()]))
     path = cc.write_result("controls_overhead", {
         "model": cc.model_name(a), "step_backend": backend, "batch": a.batch, "max_tokens": a.max_tokens, "rounds": a.rounds,
         "arms": {arm: ARMS[arm] for arm in arms}, "rows": rows, "short_requests": short_total,
+        "profile_seconds": a.profile, "processor_profile": profile,
         "target": {"arm": TARGET_ARM, "ratio_min": 0.97, "met": met},
         "thinking_token_share": thinking, "seconds": round(time.time() - t0, 1),
         "load_average_1m_after": os.getloadavg()[0],
@@ -158,6 +180,47 @@ def cpu_seconds() -> float:
         except psutil.Error:
             pass
     return total
+
+
+PROCESSOR_FRAMES = ("TTCLogitsProcessor.apply", "TTCLogitsProcessor.update_state")
+WORKER_LOOP_FRAME = "worker_busy_loop"
+WAITING_FRAME = "MessageQueue.dequeue"
+
+
+def profile_processor_share(llm, prompts, params, seconds: float) -> dict:
+    """Sample the engine's worker process with py-spy (every thread, idle ones included)
+    while `params` requests run; the share of the worker loop thread's samples whose stack
+    is inside the TTC processor, and inside the wait for the scheduler's next step."""
+    import psutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not os.path.exists(spy):
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    children = psutil.Process().children(recursive=True)
+    worker = next((p for p in children if "Worker" in p.name()), None) or \
+        next((p for p in children if "EngineCore" in p.name()), None)
+    if worker is None:
+        raise SystemExit("--profile: no engine process found (in-process engine?)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "raw.txt"
+        proc = subprocess.Popen([spy, "record", "-p", str(worker.pid), "-d", f"{seconds:g}", "-r", "200",
+                                 "--idle", "--threads", "--nonblocking", "-f", "raw", "-o", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None:
+            llm.generate(prompts, params, use_tqdm=False)
+        if proc.returncode or not out.exists():
+            raise SystemExit(f"py-spy failed (exit {proc.returncode}); on Linux it needs ptrace rights")
+        total = inside = waiting = 0
+        for line in out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if WORKER_LOOP_FRAME not in stack:
+                continue   # other threads (zmq, the shm reader's helpers)
+            n = int(count)
+            total += n
+            inside += n * any(f in stack for f in PROCESSOR_FRAMES)
+            waiting += n * (WAITING_FRAME in stack)
+    return {"worker_pid": worker.pid, "samples": total, "processor_share": inside / max(total, 1),
+            "waiting_share": waiting / max(total, 1)}
 
 
 def plot(rows, a, path) -> None:
