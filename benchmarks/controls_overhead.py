@@ -183,7 +183,9 @@ def cpu_seconds() -> float:
 
 
 PROCESSOR_FRAMES = ("TTCLogitsProcessor.apply", "TTCLogitsProcessor.update_state")
-WORKER_LOOP_FRAME = "worker_busy_loop"
+# the thread that runs the model: a multiprocess executor's worker loop, or the engine core's
+# own loop when the model runs in it
+LOOP_FRAMES = ("WorkerProc.worker_busy_loop", "EngineCoreProc.run_busy_loop")
 WAITING_FRAME = "MessageQueue.dequeue"
 
 
@@ -213,12 +215,14 @@ def profile_processor_share(llm, prompts, params, seconds: float) -> dict:
         total = inside = waiting = 0
         for line in out.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
-            if WORKER_LOOP_FRAME not in stack:
+            if not any(f in stack for f in LOOP_FRAMES):
                 continue   # other threads (zmq, the shm reader's helpers)
             n = int(count)
             total += n
             inside += n * any(f in stack for f in PROCESSOR_FRAMES)
             waiting += n * (WAITING_FRAME in stack)
+    if not total:
+        raise SystemExit(f"--profile: no samples of the engine loop in process {worker.pid}")
     return {"worker_pid": worker.pid, "samples": total, "processor_share": inside / max(total, 1),
             "waiting_share": waiting / max(total, 1)}
 
