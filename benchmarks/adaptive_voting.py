@@ -12,13 +12,13 @@ actor, real vLLM engines), each resumable in its own folder under --out:
                   PRM-weighted @16) are decided offline from the recorded candidates, and
                   its generated tokens are the reference
   majority        majority n=16 with --controls and --adaptive: log-prob signals only
-  weighted vote   weighted_vote n=16 with --controls and --adaptive: the consensus that ends
-                  sampling is PRM-weighted (each wave is scored as it arrives)
+  weighted vote   weighted_vote n=16 with --controls and --adaptive: decided by PRM weight;
+                  the exit counts answers, or PRM weights with exit_votes "weighted"
 Defaults: the controls that `controls_voting.py` chose on its calibration slice (cap 112 with
 the step conclusion; stop a trace when its lowest 16-token group confidence drops below
-12.456), and the exit chosen offline on `vote_rules_terms`' recorded hard-tier traces (held-
-out seed 10000): waves of 4, consensus 0.75. The problems here come from another seed
-(30000), so nothing was chosen on them. Generated tokens count every token of every sampled
+12.456), and the exit `--calibrate` chose on seeds 20000 + 50000 (400 problems) at <= 0
+points: waves 3,3,4,6, consensus 0.6 of the answered traces, counted. The problems here come
+from other seeds (default 30000), so nothing was chosen on them. Generated tokens count every token of every sampled
 trace, stopped ones included. Paired: the same problems in every arm (not the same samples).
 Prints a table, writes benchmarks/results/adaptive_voting.json and .png.
 
@@ -56,7 +56,7 @@ DEFAULT_CONTROLS = {"max_think": 112, "conclusion": "<step>\n",
                     "halting": {"signal": "group_confidence", "aggregate": "min", "window": 16,
                                 "threshold": 12.456, "direction": "below", "action": "stop"}}
 ARM_LABELS = {"majority": "majority, controls + adaptive", "weighted_vote": "weighted vote, controls + adaptive"}
-DEFAULT_ADAPTIVE = {"waves": [4, 4, 4, 4], "consensus": 0.75, "min_votes": 2}
+DEFAULT_ADAPTIVE = {"waves": [3, 3, 4, 6], "consensus": 0.6, "min_votes": 2, "exit_votes": "counted"}
 # the votes --calibrate sweeps: (vote, PRM-weighted decision, what the exit counts)
 VOTES = (("majority", False, "counted"), ("weighted_vote", True, "weighted"), ("weighted_vote", True, "counted"))
 
