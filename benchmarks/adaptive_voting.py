@@ -17,9 +17,9 @@ actor, real vLLM engines), each resumable in its own folder under --out:
 Defaults: the controls that `controls_voting.py` chose on its calibration slice (cap 112 with
 the step conclusion; stop a trace when its lowest 16-token group confidence drops below
 12.456), and the exit `--calibrate` chose on seeds 20000 + 50000 (400 problems) at <= 0
-points: waves 3,3,4,6, consensus 0.6 of the answered traces, counted. The problems here come
-from other seeds (default 30000), so nothing was chosen on them. Generated tokens count every token of every sampled
-trace, stopped ones included. Paired: the same problems in every arm (not the same samples).
+points among the counted exits: waves 3,3,4,6, consensus 0.6 of the answered traces. The
+problems here come from other seeds (default 30000), so nothing was chosen on them.
+Generated tokens count every token of every sampled trace, stopped ones included. Paired: the same problems in every arm (not the same samples).
 Prints a table, writes benchmarks/results/adaptive_voting.json and .png.
 
 `--calibrate` chooses the exit instead, on a calibration slice (default seed 20000; --pool
