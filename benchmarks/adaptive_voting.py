@@ -57,8 +57,8 @@ DEFAULT_CONTROLS = {"max_think": 112, "conclusion": "<step>\n",
                                 "threshold": 12.456, "direction": "below", "action": "stop"}}
 ARM_LABELS = {"majority": "majority, controls + adaptive", "weighted_vote": "weighted vote, controls + adaptive"}
 DEFAULT_ADAPTIVE = {"waves": [3, 3, 4, 6], "consensus": 0.6, "min_votes": 2, "exit_votes": "counted"}
-# the votes --calibrate sweeps: (vote, PRM-weighted decision, what the exit counts)
-VOTES = (("majority", False, "counted"), ("weighted_vote", True, "weighted"), ("weighted_vote", True, "counted"))
+# the votes --calibrate sweeps: (vote, what the exit counts)
+VOTES = (("majority", "counted"), ("weighted_vote", "weighted"), ("weighted_vote", "counted"))
 
 
 def offline(record: dict, rule: str) -> str | None:
@@ -106,10 +106,11 @@ def calibrate(a, controls: dict) -> None:
     base_tokens = float(np.mean([plain[k]["generated_tokens"] for k in keys]))
     schedules = [[int(x) for x in w.split(",")] for w in a.waves.split(";") if w.strip()]
     sweep = []
-    for vote, weighted, exit_votes in VOTES:
+    for vote, exit_votes in VOTES:
         for waves in schedules:
             for c in (float(x) for x in a.consensus.split(",")):
-                sims = [simulate_exit(ctrl[k], weighted, waves, c, 2, exit_votes == "counted") for k in keys]
+                sims = [simulate_exit(ctrl[k], vote == "weighted_vote", waves, c, 2, exit_votes == "counted")
+                        for k in keys]
                 acc = float(np.mean([x[0] for x in sims]))
                 tokens = float(np.mean([x[1] for x in sims]))
                 sweep.append(dict(vote=vote, waves=waves, consensus=c, min_votes=2, exit_votes=exit_votes,
@@ -124,7 +125,7 @@ def calibrate(a, controls: dict) -> None:
               f"{100 * x['accuracy']:7.1f}"
               f"{x['loss_points']:10.1f}{100 * x['tokens_saved']:7.1f}%{x['traces']:8.1f}")
     chosen = {}
-    for vote, _, exit_votes in VOTES:
+    for vote, exit_votes in VOTES:
         name = f"{vote} ({exit_votes} exit)"
         ok = [x for x in sweep if x["vote"] == vote and x["exit_votes"] == exit_votes
               and x["loss_points"] <= a.select_loss + 1e-9]

@@ -223,8 +223,8 @@ def profile_processor_share(llm, prompts, params, seconds: float) -> dict:
             waiting += n * (WAITING_FRAME in stack)
     if not total:
         raise SystemExit(f"--profile: no samples of the engine loop in process {worker.pid}")
-    return {"worker_pid": worker.pid, "samples": total, "processor_share": inside / max(total, 1),
-            "waiting_share": waiting / max(total, 1)}
+    return {"worker_pid": worker.pid, "samples": total, "processor_share": inside / total,
+            "waiting_share": waiting / total}
 
 
 def plot(rows, a, path) -> None:

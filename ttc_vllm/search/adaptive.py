@@ -23,7 +23,7 @@ async def sample_in_waves(ctx: SearchContext, weighted: bool) -> list[Candidate]
     rule = options.adaptive
     if rule is None:
         raise ValueError("sample_in_waves needs options.adaptive")
-    weighted_exit = weighted and rule.weighted_exit(options.strategy)
+    weighted_exit = rule.weighted_exit(options.strategy)
     traces: list[Candidate] = []
     for size in rule.schedule(options.n):
         [wave] = await ctx.complete([ctx.root], size, options.max_steps)
