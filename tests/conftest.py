@@ -42,3 +42,18 @@ def llm(kv_peak_file):
 @pytest.fixture(scope="session")
 def tokenizer(llm):
     return llm.get_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One real `ttc-vllm serve` per session (tests/live_server.py)."""
+    from tests.live_server import start_server
+
+    yield from start_server(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from tests.live_server import make_client
+
+    return make_client(server)
