@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.live_server import EASY, HARD, ROOT, SERVED_NAME
+from tests.live_server import BLOCK, EASY, HARD, ROOT, SERVED_NAME
 from tests.ttc_malformed_cases import MALFORMED_CASES
 
 openai = pytest.importorskip("openai")
