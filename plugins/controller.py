@@ -28,13 +28,16 @@ middleware for 400 answers, so the endpoint plugin is the recommended one.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import threading
 from typing import Any
 
 from ttc_vllm_plugins.request_rewrite import (
-    PASS, RequestRejected, ServerLimits, error_body, might_carry_ttc, plan_request,
+    DEFAULT_MAX_SEARCH_WORK, PASS, RequestRejected, ServerLimits, error_body, might_carry_ttc,
+    parse_body, plan_request,
 )
 from ttc_vllm_plugins.response_usage import SSEUsageInjector, add_to_json, usage_block
 from ttc_vllm_plugins.search_client import SEARCH_USAGE, SearchingEngineClient, SearchRunner
@@ -45,23 +48,71 @@ PLUGIN_NAME = "ttc_sampling_controller"
 CONTROLLED_PATHS = ("/v1/chat/completions", "/v1/completions")
 HANDLER_ATTRS = ("openai_serving_chat", "openai_serving_completion")
 MAP_EFFORT_ENV = "TTC_VLLM_MAP_REASONING_EFFORT"
+# Start-up limits (read once; a malformed value stops the server with a message naming it).
+MAX_SEARCH_WORK_ENV = "TTC_VLLM_MAX_SEARCH_WORK"
+MAX_CONCURRENT_SEARCHES_ENV = "TTC_VLLM_MAX_CONCURRENT_SEARCHES"
+MAX_BODY_BYTES_ENV = "TTC_VLLM_MAX_BODY_BYTES"
+DEFAULT_MAX_CONCURRENT_SEARCHES = 16
+DEFAULT_MAX_BODY_BYTES = 64 << 20   # the body of every POST to the two paths is buffered
+RETRY_AFTER_S = 1
+
+
+def env_int(name: str, default: int) -> int:
+    """A positive integer from the environment (start-up configuration)."""
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+class SearchAdmission:
+    """The server-wide cap on searches in flight in this API process (one event loop, so a
+    plain counter): past it a search is answered 429 with Retry-After."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_CONCURRENT_SEARCHES):
+        self.limit = limit
+        self.running = 0
+
+    def try_enter(self) -> bool:
+        if self.running >= self.limit:
+            return False
+        self.running += 1
+        return True
+
+    def leave(self) -> None:
+        self.running -= 1
 
 
 class SamplingController:
     """What the middleware needs at request time: the server's limits and the search runner."""
 
-    def __init__(self, runner: SearchRunner | None, map_reasoning_effort: bool = True):
+    def __init__(self, runner: SearchRunner | None, map_reasoning_effort: bool = True,
+                 max_search_work: int = DEFAULT_MAX_SEARCH_WORK,
+                 max_concurrent_searches: int = DEFAULT_MAX_CONCURRENT_SEARCHES):
         self.runner = runner
+        encode = None
+        if runner is not None:
+            tokenizer = runner.tokenizer
+            # conclusions and answer prefixes repeat across requests: encode each once
+            encode = functools.lru_cache(maxsize=256)(
+                lambda text: tuple(tokenizer.encode(text, add_special_tokens=False)))
         self.limits = ServerLimits(
             has_prm=runner is not None and runner.scorer is not None,
-            search_enabled=runner is not None, map_reasoning_effort=map_reasoning_effort)
+            search_enabled=runner is not None, map_reasoning_effort=map_reasoning_effort,
+            max_model_len=runner.max_model_len if runner is not None else None,
+            max_search_work=max_search_work, encode=encode)
+        self.searches = SearchAdmission(max_concurrent_searches)
 
     @classmethod
     def install(cls, state, engine_client=None, scorer=None) -> "SamplingController":
         """Wrap the chat/completions handlers' engine client (idempotent) and keep the
         controller on `state.ttc_controller`."""
-        import os
-
         from ttc_vllm_plugins.prm_config import scorer_from_env
 
         existing = getattr(state, "ttc_controller", None)
@@ -69,6 +120,8 @@ class SamplingController:
             return existing
         engine_client = engine_client or getattr(state, "engine_client", None)
         map_effort = os.environ.get(MAP_EFFORT_ENV, "1").lower() not in ("0", "false", "no")
+        work = env_int(MAX_SEARCH_WORK_ENV, DEFAULT_MAX_SEARCH_WORK)
+        concurrent = env_int(MAX_CONCURRENT_SEARCHES_ENV, DEFAULT_MAX_CONCURRENT_SEARCHES)
         runner = None
         if engine_client is not None:
             tokenizer = engine_client.renderer.tokenizer
@@ -83,7 +136,7 @@ class SamplingController:
                         "with" if scorer is not None else "no", runner.step_delimiter)
         else:
             logger.warning("ttc-vllm sampling controller: no engine client; search is off")
-        controller = cls(runner, map_effort)
+        controller = cls(runner, map_effort, work, concurrent)
         state.ttc_controller = controller
         return controller
 
@@ -123,26 +176,32 @@ class TTCControllerMiddleware:
 
     def __init__(self, app):
         self.app = app
+        self.max_body_bytes = env_int(MAX_BODY_BYTES_ENV, DEFAULT_MAX_BODY_BYTES)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" \
                 or _route_path(scope) not in CONTROLLED_PATHS:
             await self.app(scope, receive, send)
             return
-        body, disconnected = await _read_body(receive)
-        if disconnected:
+        body, status = await _read_body(receive, scope, self.max_body_bytes)
+        if status == "disconnected":
             return
-        plan = PASS
+        if status == "too_large":
+            # The rest of the body is not read: the connection cannot be reused.
+            await _send_json(send, 413, _error(
+                "body", f"body: larger than this server's limit of {self.max_body_bytes} bytes "
+                        f"(set by {MAX_BODY_BYTES_ENV})", 413, "RequestEntityTooLarge"),
+                close=True)
+            return
+        plan, controller = PASS, None
         if might_carry_ttc(body):
             try:
-                parsed = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                parsed = None  # vLLM reports malformed JSON itself
-            controller = _controller(scope) if parsed is not None else None
-            limits = controller.limits if controller is not None else ServerLimits(search_enabled=False)
-            try:
+                parsed = parse_body(body)  # None: not JSON, vLLM reports it itself
+                controller = _controller(scope) if parsed is not None else None
+                limits = controller.limits if controller is not None else ServerLimits(search_enabled=False)
                 plan = plan_request(parsed, limits)
             except RequestRejected as err:
+                logger.debug("ttc-vllm: rejected a request: %s", err.message)  # a client mistake
                 await _send_json(send, 400, error_body(err))
                 return
         if plan.kind == "pass":
@@ -153,12 +212,19 @@ class TTCControllerMiddleware:
         if plan.kind == "single":
             await self.app(scope, _replay(new_body, receive), send)
             return
+        if not controller.searches.try_enter():
+            await _send_json(send, 429, _error(
+                None, f"{controller.searches.limit} searches are running on this server, its "
+                      f"limit (set by {MAX_CONCURRENT_SEARCHES_ENV}); retry later",
+                429, "RateLimitError"), retry_after=RETRY_AFTER_S)
+            return
         records: list[dict[str, Any]] = []
         token = SEARCH_USAGE.set(records)
         try:
             await self.app(scope, _replay(new_body, receive), _UsageSender(send, records))
         finally:
             SEARCH_USAGE.reset(token)
+            controller.searches.leave()
 
 
 def _route_path(scope) -> str:
@@ -167,15 +233,23 @@ def _route_path(scope) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
-async def _read_body(receive) -> tuple[bytes, bool]:
-    chunks = []
+async def _read_body(receive, scope, max_bytes: int) -> tuple[bytes, str]:
+    """(body, "ok" | "disconnected" | "too_large"); stops reading past `max_bytes`."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length" and value.isdigit() and int(value) > max_bytes:
+            return b"", "too_large"
+    chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return b"", True
-        chunks.append(message.get("body", b""))
+            return b"", "disconnected"
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            return b"", "too_large"
+        chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks), False
+            return b"".join(chunks), "ok"
 
 
 def _replay(body: bytes, receive):
@@ -200,11 +274,21 @@ def _with_content_length(scope, length: int):
     return {**scope, "headers": headers}
 
 
-async def _send_json(send, status: int, payload: dict[str, Any]) -> None:
+def _error(param: str | None, message: str, code: int, kind: str) -> dict[str, Any]:
+    """OpenAI error format, as vLLM writes it."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def _send_json(send, status: int, payload: dict[str, Any], close: bool = False,
+                     retry_after: int | None = None) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -118,6 +118,19 @@ def options_or_none(sampling_params) -> TTCOptions | None:
         return None
 
 
+def admit(ctrl, slot: int, ctx: EngineContext, options: TTCOptions, sampling_params,
+          **initial) -> bool:
+    """Resolve and add one request to the controller; False (logged, uncontrolled) if that
+    raises: an exception in the engine worker would take every request down with it."""
+    try:
+        ctrl.add(slot, ctx.slot_params(options, sampling_params, **initial))
+        return True
+    except Exception as e:  # noqa: BLE001 -- anything, rather than the engine
+        logger.error("ttc-vllm: leaving a request uncontrolled, its options could not be "
+                     "admitted: %s: %s", type(e).__name__, e)
+        return False
+
+
 class FinishedRecords:
     """Outcomes of finished requests for metrics (the stat logger reads and clears them)."""
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from ttc_vllm.control import SlotParams, ThinkingController, scan_think_ids
+from ttc_vllm.control import ThinkingController, scan_think_ids
 from ttc_vllm_plugins import logits_common as common
 
 
@@ -56,9 +56,10 @@ class TTCLogitsProcessorV1(LogitsProcessor):
             return
         phase, count = scan_think_ids(list(prompt_ids or ()) + list(output_ids), self.ctx.markers)
         slot = self.free_slots.pop()
-        p: SlotParams = self.ctx.slot_params(opts, params, phase=phase, thinking_tokens=count,
-                                             output_tokens=len(output_ids))
-        self.ctrl.add(slot, p)
+        if not common.admit(self.ctrl, slot, self.ctx, opts, params, phase=phase,
+                            thinking_tokens=count, output_tokens=len(output_ids)):
+            self.free_slots.append(slot)
+            return
         self.row_slot[row] = slot
         self.row_out[row] = output_ids
 

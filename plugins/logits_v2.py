@@ -42,10 +42,11 @@ class TTCLogitsProcessorV2(LogitsProcessor):
         if req_idx in self._new_slots:
             self._new_slots.remove(req_idx)
         opts = common.options_or_none(sampling_params)
-        self.active[req_idx] = opts is not None
-        if opts is None:
+        admitted = opts is not None and common.admit(self.ctrl, req_idx, self.ctx, opts,
+                                                     sampling_params)
+        self.active[req_idx] = admitted
+        if not admitted:
             return False
-        self.ctrl.add(req_idx, self.ctx.slot_params(opts, sampling_params))
         self._new_slots.append(req_idx)
         return True
 

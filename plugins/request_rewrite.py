@@ -18,13 +18,14 @@ name (`ttc.max_think`, `ttc.search.n`, `n`, ...) and a message that starts with 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from ttc_vllm.budget import EFFORT_LEVELS
-from ttc_vllm.options import EXTRA_ARGS_KEY, TTCOptions
+from ttc_vllm.budget import EFFORT_LEVELS, output_limit
+from ttc_vllm.options import DEFAULT_CONCLUSION, EXTRA_ARGS_KEY, TTCOptions
 from ttc_vllm.search.options import SearchOptions
 
 TTC_FIELD = "ttc"
@@ -52,9 +53,14 @@ SEARCH_INCOMPATIBLE = {
     "best_of": "is not supported with ttc.search (use ttc.search.n)",
 }
 
-# Byte patterns whose absence proves a body carries no TTC request (`\\u` catches keys
-# written with JSON escapes).
-_MARKERS = (b"ttc", b"reasoning_effort", b"\\u")
+# Byte patterns whose absence proves a body carries no TTC request: the quoted keys (a
+# model named "ttc-testbed" does not match) and `\\u`, which catches keys written with JSON
+# escapes.
+_MARKERS = (b'"ttc"', b'"reasoning_effort"', b"\\u")
+
+# The per-request work ceiling on a search: prompts x candidates x steps (see
+# SearchOptions.work_per_prompt); 4096 = one prompt's beam search of n=64 over 64 steps.
+DEFAULT_MAX_SEARCH_WORK = 4096
 
 
 class RequestRejected(ValueError):
@@ -73,6 +79,11 @@ class ServerLimits:
     has_prm: bool = False
     search_enabled: bool = True  # False when no engine client could be wrapped
     map_reasoning_effort: bool = True
+    max_model_len: int | None = None   # the served context: no budget may exceed it
+    max_search_work: int = DEFAULT_MAX_SEARCH_WORK
+    # The engine's tokenizer (token ids of the conclusion / answer prefix, whose lengths
+    # decide whether a cap can hold them); None: those checks are left to the engine.
+    encode: Callable[[str], Sequence[int]] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,21 @@ def might_carry_ttc(raw: bytes) -> bool:
     return any(marker in raw for marker in _MARKERS)
 
 
+def parse_body(raw: bytes) -> Any:
+    """The JSON body, or None when it is not valid JSON (vLLM reports that itself).
+
+    RequestRejected for what Python's parser cannot take at all: nesting deeper than its
+    recursion limit, integers longer than its digit limit."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    except RecursionError:
+        raise RequestRejected("body", "body: JSON nested too deeply") from None
+    except ValueError:  # int() digit limit ("Exceeds the limit (4300 digits) ...")
+        raise RequestRejected("body", "body: a JSON number with too many digits") from None
+
+
 def plan_request(body: Any, limits: ServerLimits = ServerLimits()) -> Plan:
     """What to do with a parsed JSON request body (see the module docstring)."""
     if not isinstance(body, dict):
@@ -99,11 +125,14 @@ def plan_request(body: Any, limits: ServerLimits = ServerLimits()) -> Plan:
     effort = _top_level_effort(body, limits)
     if raw is None and effort is None:
         return PASS
+    if body.get(XARGS_FIELD) is not None and not isinstance(body[XARGS_FIELD], dict):
+        raise RequestRejected(XARGS_FIELD, f"{XARGS_FIELD}: expected an object, got "
+                                           f"{_type_name(body[XARGS_FIELD])}")
     options = _validate_options(raw if raw is not None else {}, source)
     search = _search_options(options, source)
     if effort is not None:
         options = _apply_effort(options, effort, body[EFFORT_FIELD], source)
-    _check_budgets(body, options, source)
+    _check_budgets(body, options, source, limits)
     if search is not None:
         _check_search_request(body, search, source, limits)
         xargs = {SEARCH_XARG: _search_payload(search)}
@@ -249,21 +278,53 @@ def _max_tokens(body: dict[str, Any]) -> tuple[str, int] | None:
     return None
 
 
-def _check_budgets(body: dict[str, Any], options: TTCOptions, source: str) -> None:
-    """An explicit thinking budget larger than the request's whole output allowance is a
-    contradiction, not something to clip silently."""
+def _check_budgets(body: dict[str, Any], options: TTCOptions, source: str,
+                   limits: ServerLimits) -> None:
+    """Budgets that contradict the request or the model are refused, not clipped silently:
+    a thinking budget larger than the output allowance (max_tokens, else the model's
+    context), an answer reserve that leaves no room to think, a cap too small to hold the
+    conclusion that ends thinking at it, an answer prefix longer than the answer reserve."""
     limit = _max_tokens(body)
-    if limit is None:
+    if limit is None and limits.max_model_len is not None:
+        limit = ("the model's context", limits.max_model_len)
+    if limit is not None:
+        name, value = limit
+        for field_name in ("max_think", "min_think"):
+            budget = getattr(options, field_name)
+            if budget is not None and budget > value:
+                shown = _sent_name(options, field_name)
+                raise RequestRejected(f"{source}.{shown}",
+                                      f"{source}.{shown}: {budget} exceeds {name} ({value})")
+        if "answer_reserve" in options.model_fields_set and output_limit(value, options.answer_reserve) == 0:
+            raise RequestRejected(f"{source}.answer_reserve",
+                                  f"{source}.answer_reserve: {options.answer_reserve} leaves no "
+                                  f"room to think within {name} ({value})")
+    if limits.encode is None:
         return
-    name, value = limit
-    for field in ("max_think", "min_think"):
-        budget = getattr(options, field)
-        if budget is not None and budget > value:
-            # budget_tokens (alias thinking_budget) is copied into max_think: name what was sent
-            sent_as_alias = field == "max_think" and options.budget_tokens is not None
-            shown = "budget_tokens" if sent_as_alias else field
-            raise RequestRejected(f"{source}.{shown}",
-                                  f"{source}.{shown}: {budget} exceeds {name} ({value})")
+    conclusion = options.conclusion if "conclusion" in options.model_fields_set else DEFAULT_CONCLUSION
+    cap = options.max_think
+    if cap and conclusion:
+        length = len(limits.encode(conclusion))
+        if cap < length:
+            shown = _sent_name(options, "max_think")
+            raise RequestRejected(
+                f"{source}.{shown}",
+                f"{source}.{shown}: {cap} cannot hold the conclusion that ends thinking at the "
+                f"cap ({length} tokens); send at least {length}, 0 for no thinking, or a "
+                f"shorter {source}.conclusion")
+    if options.answer_prefix and _max_tokens(body) is not None:
+        length = len(limits.encode(options.answer_prefix))
+        if length > options.answer_reserve:
+            raise RequestRejected(
+                f"{source}.answer_prefix",
+                f"{source}.answer_prefix: {length} tokens do not fit the answer reserve "
+                f"({options.answer_reserve}); raise {source}.answer_reserve")
+
+
+def _sent_name(options: TTCOptions, field_name: str) -> str:
+    """budget_tokens (alias thinking_budget) is copied into max_think: name what was sent."""
+    return "budget_tokens" if field_name == "max_think" and options.budget_tokens is not None \
+        else field_name
 
 
 def _check_search_request(body: dict[str, Any], search: SearchOptions, source: str,
@@ -276,13 +337,28 @@ def _check_search_request(body: dict[str, Any], search: SearchOptions, source: s
             f"{source}.search.strategy",
             f"{source}.search.strategy: {search.strategy!r} needs a process reward model and "
             f"this server has none (start it with TTC_VLLM_PRM=...); 'majority' needs none")
+    work = _prompt_count(body) * search.work_per_prompt
+    if work > limits.max_search_work:
+        raise RequestRejected(
+            f"{source}.search",
+            f"{source}.search: {work} units of work (prompts x candidates x steps) exceed this "
+            f"server's per-request ceiling of {limits.max_search_work} (set by "
+            f"TTC_VLLM_MAX_SEARCH_WORK); lower n, max_steps or rollouts, or send fewer prompts")
     n = body.get("n")
     if n is not None and n != 1:
         raise RequestRejected("n", f"n: must be 1 with ttc.search (got {n!r}); the number of "
                                    f"sampled traces is ttc.search.n")
-    for field, why in SEARCH_INCOMPATIBLE.items():
-        if _asks_for(field, body.get(field)):
-            raise RequestRejected(field, f"{field}: {why}")
+    for name, why in SEARCH_INCOMPATIBLE.items():
+        if _asks_for(name, body.get(name)):
+            raise RequestRejected(name, f"{name}: {why}")
+
+
+def _prompt_count(body: dict[str, Any]) -> int:
+    """Prompts of a completions body (a list of strings or of token-id lists); chat: 1."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
 
 
 def _asks_for(field: str, value: Any) -> bool:

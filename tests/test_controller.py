@@ -16,6 +16,7 @@ from ttc_vllm_plugins.request_rewrite import (
     MAX_TTC_DEPTH, RequestRejected, ServerLimits, error_body, might_carry_ttc, plan_request,
     search_options_from_xargs,
 )
+from ttc_vllm_plugins.controller import SearchAdmission
 from ttc_vllm_plugins.response_usage import (
     SSEUsageInjector, add_to_json, search_record, usage_block,
 )
@@ -258,8 +259,9 @@ def test_configured_answer_regex():
 # -- the middleware over a fake ASGI app ----------------------------------------------------
 
 class FakeController:
-    def __init__(self, limits):
+    def __init__(self, limits, max_searches: int = 16):
         self.limits = limits
+        self.searches = SearchAdmission(max_searches)
 
 
 class FakeState:

@@ -44,6 +44,7 @@ SEQ_CONCLUSION, SEQ_CONTINUATION, SEQ_EOS = range(3)
 REASON_NONE, REASON_NATURAL, REASON_BUDGET, REASON_HALT, REASON_STOP = range(5)
 REASON_NAMES = ("none", "natural", "budget", "halt", "stop")
 UNLIMITED = 1 << 60
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Halting work a step does, host-known from the active slots' signals: bit flags (0 = none).
 HALT_OFF, HALT_CONFIDENCE, HALT_ENTROPY, HALT_SAMPLED = 0, 1, 2, 4
 STEP_ENV = "TTC_VLLM_STEP"   # auto | numba | compile | eager (see `step_backend`)
@@ -255,8 +256,12 @@ class ThinkingController:
             row[C_HON], row[C_HTOPK], row[C_HABOVE] = 1, h.top_k, int(h.above)
             row[C_HSTOP], row[C_HMIN], row[C_SIGNAL] = int(h.stop), h.min_tokens, h.signal
             self.windows.reset(slot, h.signal, h.aggregate, h.window)
+        # Defence in depth: options are bounded at validation (ttc_vllm/limits.py), but no
+        # value that reaches the engine may raise here (an OverflowError kills the engine).
+        row = [min(max(v, 0), UNLIMITED) for v in row]
+        tau = min(max(h.threshold, -FLOAT32_MAX), FLOAT32_MAX) if h else 0.0
         for tensor, values in ((self.ints, np.asarray(row, dtype=np.int64)),
-                               (self.floats, np.array([h.threshold if h else 0.0, 0.0], np.float32)),
+                               (self.floats, np.array([tau, 0.0], np.float32)),
                                (self.seqs, seq_rows), (self.suppress, sup_row)):
             H.write_row(tensor, slot, values)
         self._active.add(slot)

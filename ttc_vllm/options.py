@@ -15,6 +15,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationErro
                       ValidationInfo, field_validator, model_validator)
 
 from ttc_vllm import budget
+from ttc_vllm.limits import MAX_EXTENSIONS, StrictInt, TokenCount
 from ttc_vllm.search.options import SAMPLING_STRATEGIES, SearchOptions
 
 EXTRA_ARGS_KEY = "ttc"
@@ -41,14 +42,14 @@ class HaltingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     signal: Signal = "token_confidence"
-    top_k: int = Field(20, ge=1, le=20, description="top-k log-probs in token confidence")
-    window: int = Field(64, ge=1, le=8192, description="tokens per group / tail window")
+    top_k: StrictInt = Field(20, ge=1, le=20, description="top-k log-probs in token confidence")
+    window: StrictInt = Field(64, ge=1, le=8192, description="tokens per group / tail window")
     aggregate: Aggregate = "tail"
     # A real number, or the name of an entry of the calibration file (ttc_vllm/calibrate.py).
     threshold: float | str
     direction: Literal["above", "below"] = "above"
     action: Literal["conclude", "stop"] = "conclude"
-    min_tokens: int = Field(0, ge=0, description="thinking tokens before halting may trigger")
+    min_tokens: TokenCount = Field(0, description="thinking tokens before halting may trigger")
 
     @field_validator("threshold", mode="before")
     @classmethod
@@ -106,19 +107,19 @@ class TTCOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    max_think: int | None = Field(None, ge=0, description="hard cap on thinking tokens")
+    max_think: TokenCount | None = Field(None, description="hard cap on thinking tokens")
     # Anthropic `budget_tokens` / Gemini `thinking_budget`: another name for max_think.
-    budget_tokens: int | None = Field(
-        None, ge=0, validation_alias=AliasChoices("budget_tokens", "thinking_budget"))
-    min_think: int | None = Field(None, ge=0, description="s1-style minimum thinking tokens")
+    budget_tokens: TokenCount | None = Field(
+        None, validation_alias=AliasChoices("budget_tokens", "thinking_budget"))
+    min_think: TokenCount | None = Field(None, description="s1-style minimum thinking tokens")
     reasoning_effort: Literal["none", "low", "medium", "high"] | None = None
-    answer_reserve: int = Field(16, ge=0, description="tokens kept for the answer within max_tokens")
+    answer_reserve: TokenCount = Field(16, description="tokens kept for the answer within max_tokens")
     conclusion: str | None = Field(DEFAULT_CONCLUSION, max_length=MAX_FORCED_TEXT_CHARS)
     # s1's "Final Answer:": forced right after the `</think>` of a forced conclusion (budget
     # or halting), so a cut trace answers; None leaves the answer to the model.
     answer_prefix: str | None = Field(None, min_length=1, max_length=MAX_FORCED_TEXT_CHARS)
     continuation: str = Field(DEFAULT_CONTINUATION, max_length=MAX_FORCED_TEXT_CHARS)
-    max_extensions: int = Field(8, ge=0, description="continuations injected at most")
+    max_extensions: StrictInt = Field(8, ge=0, le=MAX_EXTENSIONS, description="continuations injected at most")
     halting: HaltingOptions | None = None
     # Search strategies run outside the engine (server or jobs); their options model lives
     # with the strategies, validated here as part of the one request model.

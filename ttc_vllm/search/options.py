@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ttc_vllm.limits import MAX_COUNT, StrictFloat, StrictInt
+
 MAX_N_ENV = "TTC_VLLM_MAX_N"
 DEFAULT_MAX_N = 64
 
@@ -42,8 +44,8 @@ class TruncateOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    after_steps: int = Field(2, ge=1)
-    keep_ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    after_steps: StrictInt = Field(2, ge=1, le=MAX_COUNT)
+    keep_ratio: StrictFloat = Field(0.5, gt=0.0, lt=1.0)
     # "prm": rank by aggregated PRM step scores; "confidence": by the trace's lowest step
     # confidence (needs token logprobs from the engine, no PRM).
     by: Literal["prm", "confidence"] = "prm"
@@ -63,9 +65,9 @@ class AdaptiveOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # traces per wave, summing to n; None: waves of 4 (the last one smaller)
-    waves: tuple[int, ...] | None = Field(None, min_length=1, max_length=64)
-    consensus: float = Field(0.75, gt=0.5, le=1.0)
-    min_votes: int = Field(2, ge=1)
+    waves: tuple[StrictInt, ...] | None = Field(None, min_length=1, max_length=64)
+    consensus: StrictFloat = Field(0.75, gt=0.5, le=1.0)
+    min_votes: StrictInt = Field(2, ge=1, le=MAX_COUNT)
     exit_votes: Literal["weighted", "counted"] | None = None   # None: weighted for weighted_vote
 
     @field_validator("waves")
@@ -89,20 +91,20 @@ class AdaptiveOptions(BaseModel):
 class MCTSOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    c_puct: float = Field(1.0, gt=0.0, le=100.0)  # UCT exploration weight
-    rollouts: int = Field(32, ge=1, le=4096)  # select-expand-backpropagate iterations
+    c_puct: StrictFloat = Field(1.0, gt=0.0, le=100.0)  # UCT exploration weight
+    rollouts: StrictInt = Field(32, ge=1, le=MAX_COUNT)  # select-expand-backpropagate iterations
 
 
 class SearchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     strategy: Strategy
-    n: int = Field(8, ge=1)  # traces sampled (majority/vote/BoN); candidates per step (beam/dvts); finished traces sought (mcts)
-    beam_width: int = Field(4, ge=1)  # children per expanded node (beam, dvts, mcts)
-    max_steps: int = Field(32, ge=1, le=1024)
-    max_step_tokens: int = Field(256, ge=1, le=65536)
-    temperature: float = Field(0.8, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: StrictInt = Field(8, ge=1)  # traces sampled (majority/vote/BoN); candidates per step (beam/dvts); finished traces sought (mcts)
+    beam_width: StrictInt = Field(4, ge=1, le=MAX_COUNT)  # children per expanded node (beam, dvts, mcts)
+    max_steps: StrictInt = Field(32, ge=1, le=1024)
+    max_step_tokens: StrictInt = Field(256, ge=1, le=65536)
+    temperature: StrictFloat = Field(0.8, ge=0.0, le=2.0)
+    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
     aggregation: Aggregation = "min"
     step_delimiter: str | None = Field(None, min_length=1)  # None: the generator's default
     mcts: MCTSOptions = MCTSOptions()
@@ -151,6 +153,19 @@ class SearchOptions(BaseModel):
             if waves is not None and sum(waves) != self.n:
                 raise ValueError(f"adaptive.waves {list(waves)} must sum to n ({self.n})")
         return self
+
+    @property
+    def work_per_prompt(self) -> int:
+        """Upper bound on the engine requests one prompt's search makes, counted as
+        candidates x steps: n whole traces for the sampling strategies (n x max_steps
+        step requests with truncation), n x max_steps for beam / DVTS, beam_width children
+        per rollout for MCTS. The server's per-request work ceiling is on this times the
+        prompts."""
+        if self.strategy in SAMPLING_STRATEGIES:
+            return self.n * (self.max_steps if self.truncate is not None else 1)
+        if self.strategy in BEAM_STRATEGIES:
+            return self.n * self.max_steps
+        return self.beam_width * self.mcts.rollouts
 
     @property
     def needs_scorer(self) -> bool:
