@@ -332,11 +332,6 @@ def _check_search_request(body: dict[str, Any], search: SearchOptions, source: s
     if not limits.search_enabled:
         raise RequestRejected(f"{source}.search", f"{source}.search: server-side search is not "
                                                   f"available on this server")
-    if search.needs_scorer and not limits.has_prm:
-        raise RequestRejected(
-            f"{source}.search.strategy",
-            f"{source}.search.strategy: {search.strategy!r} needs a process reward model and "
-            f"this server has none (start it with TTC_VLLM_PRM=...); 'majority' needs none")
     work = _prompt_count(body) * search.work_per_prompt
     if work > limits.max_search_work:
         raise RequestRejected(
@@ -344,6 +339,11 @@ def _check_search_request(body: dict[str, Any], search: SearchOptions, source: s
             f"{source}.search: {work} units of work (prompts x candidates x steps) exceed this "
             f"server's per-request ceiling of {limits.max_search_work} (set by "
             f"TTC_VLLM_MAX_SEARCH_WORK); lower n, max_steps or rollouts, or send fewer prompts")
+    if search.needs_scorer and not limits.has_prm:
+        raise RequestRejected(
+            f"{source}.search.strategy",
+            f"{source}.search.strategy: {search.strategy!r} needs a process reward model and "
+            f"this server has none (start it with TTC_VLLM_PRM=...); 'majority' needs none")
     n = body.get("n")
     if n is not None and n != 1:
         raise RequestRejected("n", f"n: must be 1 with ttc.search (got {n!r}); the number of "

@@ -633,3 +633,21 @@ def test_signal_rows_drop_answering_and_done_rows_but_keep_reopening_ones():
     assert pair[1].record(3).extensions >= 1
     # the reopened row's last pending signal is its last logits' confidence, not zero
     assert pair[0].floats[1, C.F_PENDING].item() > 0
+
+
+@pytest.mark.parametrize("backend", ["eager", "numba"])
+def test_values_past_int64_are_clamped_not_raised(backend):
+    """Defence in depth behind the option bounds: parameters the int64 state cannot hold
+    (10**30 caps, a float threshold past float32) are clamped at admission; the request
+    still thinks freely under a cap that large, and halting with an unreachable threshold
+    never fires."""
+    c = ctrl(backend=backend)
+    huge = 10 ** 30
+    halting = C.HaltingParams(H.signal_code("token_confidence"), H.aggregate_code("tail"), 20, 4,
+                              1e300, True, False, huge)
+    c.add(0, params(think_cap=huge, out_limit=2 ** 63, min_think=huge, max_extensions=huge,
+                    thinking_tokens=huge, halting=halting))
+    assert int(c.ints[0].max()) <= C.UNLIMITED and math.isfinite(float(c.floats[0, C.F_TAU]))
+    c.add(1, params(think_cap=huge))
+    out = greedy_run(c, [1], 20, lambda t, i, o: WORD)[0]
+    assert out == [WORD] * 20

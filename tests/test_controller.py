@@ -8,13 +8,13 @@ import random
 
 import pytest
 
-from tests.ttc_malformed_cases import MALFORMED_CASES
+from tests.ttc_malformed_cases import CONTEXT_CASES, MALFORMED_CASES
 from ttc_vllm.answer import answer_extractor, compile_answer_regex, extract_final_answer
 from ttc_vllm.options import TTCOptions
 from ttc_vllm.search.options import SearchOptions
 from ttc_vllm_plugins.request_rewrite import (
-    MAX_TTC_DEPTH, RequestRejected, ServerLimits, error_body, might_carry_ttc, plan_request,
-    search_options_from_xargs,
+    MAX_TTC_DEPTH, RequestRejected, ServerLimits, error_body, might_carry_ttc, parse_body,
+    plan_request, search_options_from_xargs,
 )
 from ttc_vllm_plugins.controller import SearchAdmission
 from ttc_vllm_plugins.response_usage import (
@@ -158,6 +158,65 @@ def test_malformed_request_names_the_field(case_id, fields, param):
     body = error_body(e.value)
     assert body == {"error": {"message": e.value.message, "type": "BadRequestError",
                               "param": param, "code": 400}}
+
+
+@pytest.fixture(scope="module")
+def server_limits():
+    """What a testbed server knows: its context and its tokenizer."""
+    from ttc_vllm.testbed.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    return ServerLimits(has_prm=True, max_model_len=1024,
+                        encode=lambda text: tok.encode(text, add_special_tokens=False))
+
+
+@pytest.mark.parametrize("case_id,fields,param", CONTEXT_CASES, ids=[c[0] for c in CONTEXT_CASES])
+def test_context_rules_name_the_field(case_id, fields, param, server_limits):
+    with pytest.raises(RequestRejected) as e:
+        plan(fields, server_limits)
+    assert e.value.param == param and e.value.message.startswith(param + ":")
+    # without the server's context and tokenizer the same fields pass: the rule rejected them
+    assert plan(fields, WITH_PRM).kind in ("single", "search")
+
+
+def test_context_rules_admit_what_fits(server_limits):
+    for fields in ({"ttc": {"max_think": 24}}, {"ttc": {"max_think": 0}}, {"ttc": {"max_think": 1024}},
+                   {"ttc": {"max_think": 2, "conclusion": None}},
+                   {"ttc": {"answer_prefix": "Final Answer:", "answer_reserve": 13}, "max_tokens": 200},
+                   {"ttc": {"answer_reserve": 62}, "max_tokens": 64}):
+        assert plan(fields, server_limits).kind == "single", fields
+
+
+def test_work_ceiling_counts_prompts_candidates_and_steps():
+    limits = ServerLimits(has_prm=True, max_search_work=64)
+    majority = {"ttc": {"search": {"strategy": "majority", "n": 16}}}
+    completions = {"model": "m", "prompt": ["a", "b", "c", "d"], **majority}
+    assert plan_request(completions, limits).kind == "search"          # 4 x 16 = 64
+    with pytest.raises(RequestRejected) as e:
+        plan_request({**completions, "prompt": ["a"] * 5}, limits)    # 80
+    assert e.value.param == "ttc.search" and "80 units of work" in e.value.message
+    assert plan_request({**completions, "prompt": [1, 2, 3]}, limits).kind == "search"  # one token-id prompt
+    beam = {"ttc": {"search": {"strategy": "beam", "n": 8, "beam_width": 4, "max_steps": 9}}}
+    with pytest.raises(RequestRejected, match="72 units"):
+        plan(beam, limits)
+    mcts = {"ttc": {"search": {"strategy": "mcts", "beam_width": 2, "mcts": {"rollouts": 32}}}}
+    assert plan(mcts, limits).kind == "search"
+
+
+def test_markers_are_quoted_keys():
+    """A model whose name contains "ttc" is not parsed; a `ttc` key always is."""
+    assert not might_carry_ttc(json.dumps({**CHAT, "model": "ttc-testbed"}).encode())
+    assert not might_carry_ttc(b'{"messages": [{"content": "what is ttc?"}]}')
+    assert might_carry_ttc(b'{"model": "m", "ttc" : {"max_think": 5}}')
+
+
+def test_parse_body_refuses_what_python_cannot_parse():
+    assert parse_body(b"{not json") is None and parse_body(b"\xff\xfe") is None
+    with pytest.raises(RequestRejected, match="nested too deeply"):
+        parse_body(b'{"ttc": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    with pytest.raises(RequestRejected, match="too many digits") as e:
+        parse_body(b'{"ttc": {"max_think": ' + b"9" * 5000 + b"}}")
+    assert e.value.param == "body"
 
 
 def test_depth_limit_is_exact():
@@ -418,3 +477,71 @@ def test_thinking_controls_travel_with_a_search_to_every_sample():
     assert sent.max_think == 33
     # a search with no controls sends none
     assert "ttc" not in plan({"ttc": {"search": {"strategy": "majority"}}}).body["vllm_xargs"]
+
+
+def test_middleware_answers_413_past_the_body_limit(monkeypatch):
+    monkeypatch.setenv("TTC_VLLM_MAX_BODY_BYTES", "1000")
+    app = FakeApp()
+    start, out = call(app, json.dumps({**CHAT, "ttc": {"conclusion": "x" * 2000}}).encode())
+    assert start["status"] == 413 and (b"connection", b"close") in start["headers"]
+    assert json.loads(out)["error"]["param"] == "body" and not app.seen
+    start, _ = call(app, json.dumps({**CHAT, "ttc": {"max_think": 5}}).encode())
+    assert start["status"] == 200 and len(app.seen) == 1
+
+
+def test_middleware_answers_its_own_400_for_unparseable_ttc_bodies():
+    app = FakeApp()
+    start, out = call(app, b'{"ttc": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert start["status"] == 400 and json.loads(out)["error"]["param"] == "body"
+    start, out = call(app, b'{"model": "m", "ttc": {"max_think": ' + b"1" * 5000 + b"}}")
+    assert start["status"] == 400 and b"too many digits" in out and not app.seen
+
+
+def test_middleware_caps_concurrent_searches_with_429():
+    """A second search while the first is running is a 429 with Retry-After; once the first
+    ends, a search is admitted again."""
+    from ttc_vllm_plugins.controller import TTCControllerMiddleware
+
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    class SlowApp(FakeApp):
+        async def __call__(self, scope, receive, send):
+            started.set()
+            await release.wait()
+            await super().__call__(scope, receive, send)
+
+    app = SlowApp()
+    app.state.ttc_controller.searches = SearchAdmission(1)
+    middleware = TTCControllerMiddleware(app)
+    body = json.dumps({**CHAT, "ttc": {"search": {"strategy": "majority", "n": 2}}}).encode()
+
+    async def request():
+        sent = []
+        incoming = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if incoming:
+                return incoming.pop(0)
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": "",
+                 "app": app, "headers": [(b"content-length", str(len(body)).encode())]}
+        await middleware(scope, receive, send)
+        return sent[0]
+
+    async def scenario():
+        first = asyncio.create_task(request())
+        await started.wait()
+        second = await request()
+        release.set()
+        first_start = await first
+        return first_start, second, await request()
+
+    first, second, third = asyncio.run(scenario())
+    assert second["status"] == 429 and (b"retry-after", b"1") in second["headers"]
+    assert first["status"] == 200 and third["status"] == 200
+    assert app.state.ttc_controller.searches.running == 0

@@ -163,3 +163,26 @@ def test_engine_context_encodes_each_string_once_and_bounds_the_cache(monkeypatc
     for k in range(10):
         ctx.encode(f"wait {k}")
     assert len(ctx._encoded) <= 3
+
+
+def test_a_request_whose_admission_raises_is_left_uncontrolled(caplog, monkeypatch):
+    """Whatever raises while admitting one request (here: the controller's add) is logged,
+    that request runs uncontrolled and its slot is free again; the batch goes on."""
+    proc = make_proc(max_seqs=2)
+    real_add = proc.ctrl.add
+
+    def add(slot, p):
+        if p.think_cap == 7:
+            raise OverflowError("Python int too large to convert to C long")
+        real_add(slot, p)
+
+    monkeypatch.setattr(proc.ctrl, "add", add)
+    b = Batch(proc)
+    with caplog.at_level("ERROR", logger="ttc_vllm.plugins"):
+        b.update(added=[(0, sp({"max_think": 7, "conclusion": None}), PROMPT, []),
+                        (1, sp({"max_think": 5, "conclusion": None}), PROMPT, [])])
+    assert "uncontrolled" in caplog.text and "OverflowError" in caplog.text
+    assert len(proc.free_slots) == 1   # row 0's slot went back
+    for _ in range(10):
+        b.step()
+    assert think_len(b.rows[0]) == 10 and think_len(b.rows[1]) == 5
