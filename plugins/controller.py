@@ -36,8 +36,8 @@ import threading
 from typing import Any
 
 from ttc_vllm_plugins.request_rewrite import (
-    DEFAULT_MAX_SEARCH_WORK, PASS, RequestRejected, ServerLimits, error_body, might_carry_ttc,
-    parse_body, plan_request,
+    DEFAULT_MAX_SEARCH_WORK, PASS, TTC_FIELD, RequestRejected, ServerLimits, carries_ttc,
+    error_body, might_carry_ttc, parse_body, plan_request,
 )
 from ttc_vllm_plugins.response_usage import SSEUsageInjector, add_to_json, usage_block
 from ttc_vllm_plugins.search_client import SEARCH_USAGE, SearchingEngineClient, SearchRunner
@@ -45,7 +45,11 @@ from ttc_vllm_plugins.search_client import SEARCH_USAGE, SearchingEngineClient, 
 logger = logging.getLogger("ttc_vllm.plugins.controller")
 
 PLUGIN_NAME = "ttc_sampling_controller"
-CONTROLLED_PATHS = ("/v1/chat/completions", "/v1/completions")
+# /invocations (SageMaker) dispatches a chat or completion body to the same handlers.
+CONTROLLED_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
+# Generation endpoints that cannot serve TTC options: a `ttc` there is refused, not ignored.
+UNSUPPORTED_PATHS = ("/v1/responses", "/v1/messages", "/v1/chat/completions/batch",
+                     "/inference/v1/generate")
 HANDLER_ATTRS = ("openai_serving_chat", "openai_serving_completion")
 MAP_EFFORT_ENV = "TTC_VLLM_MAP_REASONING_EFFORT"
 # Start-up limits (read once; a malformed value stops the server with a message naming it).
@@ -179,8 +183,9 @@ class TTCControllerMiddleware:
         self.max_body_bytes = env_int(MAX_BODY_BYTES_ENV, DEFAULT_MAX_BODY_BYTES)
 
     async def __call__(self, scope, receive, send) -> None:
+        path = _route_path(scope)
         if scope["type"] != "http" or scope.get("method") != "POST" \
-                or _route_path(scope) not in CONTROLLED_PATHS:
+                or (path not in CONTROLLED_PATHS and path not in UNSUPPORTED_PATHS):
             await self.app(scope, receive, send)
             return
         body, status = await _read_body(receive, scope, self.max_body_bytes)
@@ -197,6 +202,11 @@ class TTCControllerMiddleware:
         if might_carry_ttc(body):
             try:
                 parsed = parse_body(body)  # None: not JSON, vLLM reports it itself
+                if path in UNSUPPORTED_PATHS:
+                    if carries_ttc(parsed):
+                        raise RequestRejected(TTC_FIELD, f"{TTC_FIELD}: not supported on {path}; "
+                                                         f"send it to {' or '.join(CONTROLLED_PATHS[:2])}")
+                    parsed = None
                 controller = _controller(scope) if parsed is not None else None
                 limits = controller.limits if controller is not None else ServerLimits(search_enabled=False)
                 plan = plan_request(parsed, limits)

@@ -54,9 +54,10 @@ SEARCH_INCOMPATIBLE = {
 }
 
 # Byte patterns whose absence proves a body carries no TTC request: the quoted keys (a
-# model named "ttc-testbed" does not match) and `\\u`, which catches keys written with JSON
-# escapes.
-_MARKERS = (b'"ttc"', b'"reasoning_effort"', b"\\u")
+# model named "ttc-testbed" does not match); `\\u`, which catches keys written with JSON
+# escapes; `"ttc_search"` the reserved vllm_xargs key; a NUL byte, which every UTF-16 / UTF-32
+# body holds (JSON allows them, and both vLLM and json.loads accept them).
+_MARKERS = (b'"ttc"', b'"reasoning_effort"', b"\\u", b'"ttc_search"', b"\x00")
 
 # The per-request work ceiling on a search: prompts x candidates x steps (see
 # SearchOptions.work_per_prompt); 4096 = one prompt's beam search of n=64 over 64 steps.
@@ -115,6 +116,15 @@ def parse_body(raw: bytes) -> Any:
         raise RequestRejected("body", "body: JSON nested too deeply") from None
     except ValueError:  # int() digit limit ("Exceeds the limit (4300 digits) ...")
         raise RequestRejected("body", "body: a JSON number with too many digits") from None
+
+
+def carries_ttc(body: Any) -> bool:
+    """Whether a parsed body asks for TTC options (on an endpoint that cannot serve them)."""
+    if not isinstance(body, dict):
+        return False
+    xargs = body.get(XARGS_FIELD)
+    return body.get(TTC_FIELD) is not None or (
+        isinstance(xargs, dict) and (EXTRA_ARGS_KEY in xargs or SEARCH_XARG in xargs))
 
 
 def plan_request(body: Any, limits: ServerLimits = ServerLimits()) -> Plan:

@@ -23,6 +23,9 @@ SERVED_NAME = "ttc-testbed"  # matches the "testbed" effort table
 HARD = "512+377+804+219+660+931+145=?"  # 6 additions: ~100 thinking tokens when solved
 EASY = "3+4=?"
 BLOCK = 32  # CPU attention needs a multiple of 32; small so short traces fill blocks
+MAX_SEARCH_WORK = 8192
+MAX_CONCURRENT_SEARCHES = 2
+MAX_BODY_BYTES = 2 << 20
 STARTUP_TIMEOUT_S = float(os.environ.get("TTC_VLLM_SERVER_TIMEOUT", "600"))
 
 
@@ -84,6 +87,10 @@ def start_server(tmp_path_factory):
     env = {**os.environ,
            "TTC_VLLM_PRM": "python:ttc_vllm.search.fakes:FakeArithmeticPRM",
            "TTC_VLLM_MAX_N": "64",
+           # the disconnect test's beam search is 64 x 110 = 7040 units of work
+           "TTC_VLLM_MAX_SEARCH_WORK": str(MAX_SEARCH_WORK),
+           "TTC_VLLM_MAX_CONCURRENT_SEARCHES": str(MAX_CONCURRENT_SEARCHES),
+           "TTC_VLLM_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log = tmp_path_factory.mktemp("ttc-server") / "server.log"
     with open(log, "wb") as sink:
