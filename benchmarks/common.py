@@ -6,12 +6,17 @@ import json
 import os
 import platform
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parents[1]
+SERVED = "ttc-testbed"   # matches the testbed's effort table
 
 
 def git_commit() -> str:
@@ -76,3 +81,55 @@ def style_accuracy_vs_tokens(ax, title: str) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="lower right")
+
+
+# -- a server under test ----------------------------------------------------------------
+
+def engine_args(model: str, max_model_len: int) -> list[str]:
+    return [model, "--host", "127.0.0.1", "--served-model-name", SERVED, "--enforce-eager",
+            "--kv-cache-memory-bytes", str(512 << 20), "--block-size", "32",
+            "--max-model-len", str(max_model_len), "--max-num-seqs", "64", "--seed", "0",
+            "--reasoning-parser", "deepseek_r1", "--disable-uvicorn-access-log",
+            "--uvicorn-log-level", "warning"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
+        with open(self.log, "wb") as sink:
+            self.proc = subprocess.Popen([*argv, "--port", str(self.port)], cwd=ROOT, env=env,
+                                         stdout=sink, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{self.name} not healthy after {timeout_s}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()

@@ -19,12 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,63 +29,14 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, write_result  # noqa: E402
+from benchmarks.common import RESULTS, SERVED, ServerProcess, engine_args, write_result  # noqa: E402
 
-SERVED = "ttc-testbed"
 FAKE_PRM = "python:ttc_vllm.search.fakes:FakeArithmeticPRM"
 STRATEGIES = {
     "majority": {"strategy": "majority", "n": 8},
     "best_of_n": {"strategy": "best_of_n", "n": 8},
     "beam": {"strategy": "beam", "n": 8, "beam_width": 2, "max_steps": 16},
 }
-
-
-def engine_args(model: str, max_model_len: int) -> list[str]:
-    return [model, "--host", "127.0.0.1", "--served-model-name", SERVED, "--enforce-eager",
-            "--kv-cache-memory-bytes", str(512 << 20), "--block-size", "32",
-            "--max-model-len", str(max_model_len), "--max-num-seqs", "64", "--seed", "0",
-            "--reasoning-parser", "deepseek_r1", "--disable-uvicorn-access-log",
-            "--uvicorn-log-level", "warning"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
-        with open(self.log, "wb") as sink:
-            self.proc = subprocess.Popen([*argv, "--port", str(self.port)], cwd=ROOT, env=env,
-                                         stdout=sink, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    def wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{self.name} not healthy after {timeout_s}s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 def prompts(count: int, tier: str = "medium", seed: int = 7):
