@@ -35,6 +35,7 @@ import os
 import threading
 from typing import Any
 
+from ttc_vllm.limits import env_positive_int
 from ttc_vllm_plugins.request_rewrite import (
     DEFAULT_MAX_SEARCH_WORK, PASS, TTC_FIELD, RequestRejected, ServerLimits, carries_ttc,
     error_body, might_carry_ttc, parse_body, plan_request,
@@ -59,20 +60,6 @@ MAX_BODY_BYTES_ENV = "TTC_VLLM_MAX_BODY_BYTES"
 DEFAULT_MAX_CONCURRENT_SEARCHES = 16
 DEFAULT_MAX_BODY_BYTES = 64 << 20   # the body of every POST to the two paths is buffered
 RETRY_AFTER_S = 1
-
-
-def env_int(name: str, default: int) -> int:
-    """A positive integer from the environment (start-up configuration)."""
-    raw = os.environ.get(name, "")
-    if not raw.strip():
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a positive integer, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
-    return value
 
 
 class SearchAdmission:
@@ -124,8 +111,8 @@ class SamplingController:
             return existing
         engine_client = engine_client or getattr(state, "engine_client", None)
         map_effort = os.environ.get(MAP_EFFORT_ENV, "1").lower() not in ("0", "false", "no")
-        work = env_int(MAX_SEARCH_WORK_ENV, DEFAULT_MAX_SEARCH_WORK)
-        concurrent = env_int(MAX_CONCURRENT_SEARCHES_ENV, DEFAULT_MAX_CONCURRENT_SEARCHES)
+        work = env_positive_int(MAX_SEARCH_WORK_ENV, DEFAULT_MAX_SEARCH_WORK)
+        concurrent = env_positive_int(MAX_CONCURRENT_SEARCHES_ENV, DEFAULT_MAX_CONCURRENT_SEARCHES)
         runner = None
         if engine_client is not None:
             tokenizer = engine_client.renderer.tokenizer
@@ -180,7 +167,7 @@ class TTCControllerMiddleware:
 
     def __init__(self, app):
         self.app = app
-        self.max_body_bytes = env_int(MAX_BODY_BYTES_ENV, DEFAULT_MAX_BODY_BYTES)
+        self.max_body_bytes = env_positive_int(MAX_BODY_BYTES_ENV, DEFAULT_MAX_BODY_BYTES)
 
     async def __call__(self, scope, receive, send) -> None:
         path = _route_path(scope)

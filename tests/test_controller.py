@@ -365,10 +365,8 @@ class FakeApp:
         await send({"type": "http.response.body", "body": payload})
 
 
-def call(app, body: bytes, path="/v1/chat/completions", chunks=3):
-    from ttc_vllm_plugins.controller import TTCControllerMiddleware
-
-    middleware = TTCControllerMiddleware(app)
+async def serve_once(middleware, app, body: bytes, path="/v1/chat/completions", chunks=1) -> list[dict]:
+    """One POST through the middleware, its body in `chunks` messages; what it sent back."""
     scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "app": app,
              "headers": [(b"content-type", b"application/json"),
                          (b"content-length", str(len(body)).encode())]}
@@ -386,7 +384,14 @@ def call(app, body: bytes, path="/v1/chat/completions", chunks=3):
     async def send(message):
         sent.append(message)
 
-    asyncio.run(middleware(scope, receive, send))
+    await middleware(scope, receive, send)
+    return sent
+
+
+def call(app, body: bytes, path="/v1/chat/completions", chunks=3):
+    from ttc_vllm_plugins.controller import TTCControllerMiddleware
+
+    sent = asyncio.run(serve_once(TTCControllerMiddleware(app), app, body, path, chunks))
     start = next(m for m in sent if m["type"] == "http.response.start")
     out = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return start, out
@@ -517,21 +522,7 @@ def test_middleware_caps_concurrent_searches_with_429():
     body = json.dumps({**CHAT, "ttc": {"search": {"strategy": "majority", "n": 2}}}).encode()
 
     async def request():
-        sent = []
-        incoming = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive():
-            if incoming:
-                return incoming.pop(0)
-            await asyncio.sleep(3600)
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": "",
-                 "app": app, "headers": [(b"content-length", str(len(body)).encode())]}
-        await middleware(scope, receive, send)
-        return sent[0]
+        return (await serve_once(middleware, app, body))[0]
 
     async def scenario():
         first = asyncio.create_task(request())

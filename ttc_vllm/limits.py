@@ -8,6 +8,8 @@ served model's context (`max_model_len`). Every integer and real option is stric
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Annotated
 
 from pydantic import Field, Strict
@@ -19,3 +21,17 @@ MAX_COUNT = 4096        # waves, votes, children, rollouts, steps: bounded by n 
 TokenCount = Annotated[int, Strict(), Field(ge=0, le=MAX_TOKENS)]
 StrictInt = Annotated[int, Strict()]
 StrictFloat = Annotated[float, Strict()]
+
+
+def env_positive_int(name: str, default: int, env: Mapping[str, str] = os.environ) -> int:
+    """A positive integer setting from the environment (unset or blank: `default`)."""
+    raw = env.get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+    return value

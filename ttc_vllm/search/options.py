@@ -7,12 +7,11 @@ weighted_vote), whose decision has a consensus to wait for.
 """
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ttc_vllm.limits import MAX_COUNT, StrictFloat, StrictInt
+from ttc_vllm.limits import MAX_COUNT, StrictFloat, StrictInt, env_positive_int
 
 MAX_N_ENV = "TTC_VLLM_MAX_N"
 DEFAULT_MAX_N = 64
@@ -26,16 +25,7 @@ VOTING_STRATEGIES = ("majority", "weighted_vote")
 
 def max_n() -> int:
     """The server's ceiling on `n` (env TTC_VLLM_MAX_N, default 64), read at validation time."""
-    raw = os.environ.get(MAX_N_ENV)
-    if raw is None or raw == "":
-        return DEFAULT_MAX_N
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{MAX_N_ENV} must be a positive integer, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"{MAX_N_ENV} must be a positive integer, got {raw!r}")
-    return value
+    return env_positive_int(MAX_N_ENV, DEFAULT_MAX_N)
 
 
 class TruncateOptions(BaseModel):
