@@ -74,7 +74,7 @@ def main() -> None:
     from ttc_vllm.engine_offline import OfflineStepGenerator
     from ttc_vllm.prm.scorers import PRMConfig, make_scorer
     from ttc_vllm.search import SearchOptions, run_search
-    from ttc_vllm.testbed import task
+    from ttc_vllm.testbed import policy_path, task
     from ttc_vllm_plugins.kv_accounting import PEAK_FILE_ENV, SCHEDULER_CLS, read_peak
 
     t0 = time.time()
@@ -84,7 +84,7 @@ def main() -> None:
         peak_file = tmp / f"peak_{name}.json"
         os.environ[PEAK_FILE_ENV] = str(peak_file)  # read by the engine core it spawns
         extra = {"block_size": a.block_size} if a.block_size else {}
-        llm = make_llm(None, enable_prefix_caching=caching, scheduler_cls=SCHEDULER_CLS,
+        llm = make_llm(str(policy_path()), enable_prefix_caching=caching, scheduler_cls=SCHEDULER_CLS,
                        kv_cache_memory_bytes=256 << 20, max_num_seqs=256, **extra)
         arms[name] = {"llm": llm, "gen": OfflineStepGenerator(llm), "peak_file": peak_file}
     os.environ.pop(PEAK_FILE_ENV, None)

@@ -71,7 +71,7 @@ def test_qwen_math_prm_preset():
 
 
 def test_a_prm_that_declares_its_dtype_gets_it_and_refuses_another(tmp_path):
-    from ttc_vllm.prm.scorers import REQUIRED_DTYPE_KEY
+    from ttc_vllm.engine import REQUIRED_DTYPE_KEY
 
     (tmp_path / "config.json").write_text(json.dumps({REQUIRED_DTYPE_KEY: "float32"}))
     assert pooling_llm_kwargs(PRMConfig(kind="pooling", model=str(tmp_path)))["dtype"] == "float32"

@@ -19,8 +19,10 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal, get_args
 
-EFFORT_LEVELS = ("none", "low", "medium", "high")
+Effort = Literal["none", "low", "medium", "high"]
+EFFORT_LEVELS: tuple[str, ...] = get_args(Effort)
 
 # Env var naming a JSON file (or holding inline JSON) of effort tables that override and
 # extend the built-ins: {"<model substring>": {"low": 512, "medium": 2048, ...}, ...}.

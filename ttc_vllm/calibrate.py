@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from ttc_vllm import halting as H
-from ttc_vllm.options import clamp_threshold
 
 CALIBRATION_ENV = "TTC_VLLM_CALIBRATION"
 CALIBRATION_SEED = 20_000  # held-out slice: training uses no tier generator, evaluation 10_000
@@ -97,7 +96,7 @@ def calibrate_entry(traces: Sequence[Sequence[float]], *, signal: str, aggregate
         if correct is None:
             raise ValueError("max_loss needs the correctness of each trace")
         tau = H.threshold_by_accuracy_loss(scores, correct, max_loss, direction)
-    tau = clamp_threshold(signal, tau)   # the options reject a tau outside the range
+    tau = H.clamp_threshold(signal, tau)   # the options reject a tau outside the range
     entry: dict[str, Any] = {
         "signal": signal, "aggregate": aggregate, "window": window, "top_k": top_k,
         "direction": direction, "min_tokens": min_tokens, "threshold": tau,

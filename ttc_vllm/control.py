@@ -38,26 +38,20 @@ import torch
 
 from ttc_vllm import halting as H
 
-PHASE_INACTIVE, PHASE_BEFORE, PHASE_THINKING, PHASE_FORCING, PHASE_ANSWERING, PHASE_DONE = range(6)
-PHASE_NAMES = ("inactive", "before", "thinking", "forcing", "answering", "done")
-SEQ_CONCLUSION, SEQ_CONTINUATION, SEQ_EOS = range(3)
-REASON_NONE, REASON_NATURAL, REASON_BUDGET, REASON_HALT, REASON_STOP = range(5)
-REASON_NAMES = ("none", "natural", "budget", "halt", "stop")
-UNLIMITED = 1 << 60
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+from ttc_vllm.control_state import (  # noqa: F401 -- the state layout, re-exported
+    C_CAP, C_CONC_END, C_COUNT, C_EXT, C_FPOS, C_HABOVE, C_HMIN, C_HON, C_HSTEP, C_HSTOP,
+    C_HTOPK, C_KIND, C_LEN_CONC, C_LEN_CONT, C_LEN_EOS, C_MAXEXT, C_MIN, C_OUTLIM, C_PHASE,
+    C_REASON, C_SEEN, C_SIGNAL, F_PENDING, F_TAU, FLOAT32_MAX, NUM_INT_COLS, PHASE_ANSWERING,
+    PHASE_BEFORE, PHASE_DONE, PHASE_FORCING, PHASE_INACTIVE, PHASE_NAMES, PHASE_THINKING,
+    REASON_BUDGET, REASON_HALT, REASON_NAMES, REASON_NATURAL, REASON_NONE, REASON_STOP,
+    SEQ_CONCLUSION, SEQ_CONTINUATION, SEQ_EOS, UNLIMITED,
+)
+
 # Halting work a step does, host-known from the active slots' signals: bit flags (0 = none).
 HALT_OFF, HALT_CONFIDENCE, HALT_ENTROPY, HALT_SAMPLED = 0, 1, 2, 4
 STEP_ENV = "TTC_VLLM_STEP"   # auto | numba | compile | eager (see `step_backend`)
 BACKENDS = ("numba", "compile", "eager")
 logger = logging.getLogger("ttc_vllm.control")
-
-# Columns of the int64 per-slot state matrix (one gather / one scatter per step).
-(C_PHASE, C_COUNT, C_SEEN, C_CAP, C_OUTLIM, C_MIN, C_EXT, C_MAXEXT, C_KIND, C_FPOS, C_REASON,
- C_HSTEP, C_LEN_CONC, C_LEN_CONT, C_LEN_EOS, C_HON, C_HTOPK, C_HABOVE, C_HSTOP, C_HMIN,
- C_SIGNAL, C_CONC_END) = range(22)
-NUM_INT_COLS = 22
-# Columns of the float32 per-slot state matrix.
-F_TAU, F_PENDING = range(2)
 
 
 @dataclass(frozen=True)
@@ -208,7 +202,7 @@ class ThinkingController:
             self._warm_up()
 
     def _warm_up(self) -> None:
-        from ttc_vllm import control_cpu   # imports this module: loaded on first use
+        from ttc_vllm import control_cpu   # numba: compiled on first use, on CPU only
 
         self._cpu = control_cpu            # the step reads the kernel from here, not by import
         try:

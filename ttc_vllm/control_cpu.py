@@ -21,7 +21,7 @@ import math
 import numba
 import numpy as np
 
-from ttc_vllm import control as C
+from ttc_vllm import control_state as C
 from ttc_vllm import halting as H
 
 # numba folds module globals into the compiled code as constants.

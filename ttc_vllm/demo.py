@@ -47,11 +47,12 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 
 def run_demo(tiers: list[str], problems: int, k: int, temperature: float, model: Path | None, out: Path) -> list[dict]:
     from ttc_vllm.engine import make_llm
+    from ttc_vllm.testbed import policy_path
     from ttc_vllm.testbed.evaluate import evaluate
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    llm = make_llm(str(model) if model else None)
+    llm = make_llm(str(model or policy_path()))
     t_engine = time.time() - t0
     rows = evaluate(llm, tiers, problems, k, temperature)
     print(format_table(rows))

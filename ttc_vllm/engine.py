@@ -30,11 +30,17 @@ def on_cpu() -> bool:
         return True
 
 
-def engine_kwargs(model: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments for `vllm.LLM`: testbed policy by default, CPU defaults on CPU."""
-    from ttc_vllm.testbed import policy_path
+# A model's config.json may demand the dtype it must run in (the testbed PRM, whose compiled
+# circuit overflows float16, sets it); engines built for it honour it.
+REQUIRED_DTYPE_KEY = "ttc_vllm_required_dtype"
+# The logits processor, named as `--logits-processors` names it: the library never imports
+# the plugins package; vLLM loads the class from this name.
+LOGITS_PROCESSOR = "ttc_vllm_plugins.logits:TTCLogitsProcessor"
 
-    kwargs: dict[str, Any] = {"model": str(model or policy_path())}
+
+def engine_kwargs(model: str, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM` of `model`, with CPU defaults on CPU."""
+    kwargs: dict[str, Any] = {"model": str(model)}
     if on_cpu():
         kwargs.update(CPU_ENGINE_DEFAULTS)
     if "TTC_VLLM_KV_BYTES" in os.environ:
@@ -43,8 +49,8 @@ def engine_kwargs(model: str | None = None, **overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
-def make_llm(model: str | None = None, **overrides: Any):
-    """A `vllm.LLM` with the ttc-vllm logits processor registered explicitly.
+def make_llm(model: str, **overrides: Any):
+    """A `vllm.LLM` of `model` with the ttc-vllm logits processor registered explicitly.
 
     Passing the processor class (not only the entry point) matters on GPU with async
     scheduling: explicitly given processors get real token ids instead of -1 placeholders.
@@ -52,14 +58,8 @@ def make_llm(model: str | None = None, **overrides: Any):
     from vllm import LLM
 
     kwargs = engine_kwargs(model, **overrides)
-    kwargs.setdefault("logits_processors", [_processor_class()])
+    kwargs.setdefault("logits_processors", [LOGITS_PROCESSOR])
     return LLM(**kwargs)
-
-
-def _processor_class():
-    from ttc_vllm_plugins.logits import TTCLogitsProcessor
-
-    return TTCLogitsProcessor
 
 
 @dataclass

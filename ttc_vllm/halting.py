@@ -40,12 +40,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-SIGNALS = ("token_confidence", "group_confidence", "entropy", "sampled_margin")
-AGGREGATES = ("mean", "min", "tail")
+Signal = Literal["token_confidence", "group_confidence", "entropy", "sampled_margin"]
+Aggregate = Literal["mean", "min", "tail"]
+SIGNALS: tuple[str, ...] = get_args(Signal)       # codes: the position (signal_code)
+AGGREGATES: tuple[str, ...] = get_args(Aggregate)
+# The range of each signal's per-token value: "+" >= 0, "-" <= 0, and what it is.
+SIGNAL_RANGES = {
+    "token_confidence": ("+", "minus the mean of top-k log-probs"),
+    "group_confidence": ("+", "minus the mean of top-k log-probs, averaged over a window"),
+    "entropy": ("-", "minus the entropy, larger = more confident"),
+    "sampled_margin": ("-", "log p(sampled) - log p(top)"),
+}
+
+
+def check_threshold_range(signal: str, threshold: float | str) -> None:
+    """A threshold outside the signal's range could never (or would always) fire."""
+    if isinstance(threshold, str):
+        return
+    sign, what = SIGNAL_RANGES.get(signal, (None, ""))
+    if sign == "+" and threshold < 0:
+        raise ValueError(f"{signal} is >= 0 ({what}); a negative threshold {threshold} makes no sense")
+    if sign == "-" and threshold > 0:
+        raise ValueError(f"{signal} is <= 0 ({what}); a positive threshold {threshold} makes no sense")
+
+
+def clamp_threshold(signal: str, threshold: float) -> float:
+    """`threshold` moved into the signal's range (the edge where it leaves it)."""
+    sign = SIGNAL_RANGES.get(signal, (None, ""))[0]
+    return max(threshold, 0.0) if sign == "+" else min(threshold, 0.0) if sign == "-" else threshold
+
+
 SIGNAL_TOKEN, SIGNAL_GROUP, SIGNAL_ENTROPY, SIGNAL_SAMPLED = range(4)
 AGG_MEAN, AGG_MIN, AGG_TAIL = range(3)
 MAX_TOP_K = 20

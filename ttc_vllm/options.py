@@ -15,6 +15,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationErro
                       ValidationInfo, field_validator, model_validator)
 
 from ttc_vllm import budget
+from ttc_vllm.halting import Aggregate, Signal, check_threshold_range
 from ttc_vllm.limits import MAX_EXTENSIONS, StrictInt, TokenCount
 from ttc_vllm.search.options import SAMPLING_STRATEGIES, SearchOptions
 
@@ -22,17 +23,6 @@ EXTRA_ARGS_KEY = "ttc"
 DEFAULT_CONCLUSION = "\nTime is up, concluding."
 DEFAULT_CONTINUATION = "\nWait,"
 MAX_FORCED_TEXT_CHARS = 256
-
-Signal = Literal["token_confidence", "group_confidence", "entropy", "sampled_margin"]
-Aggregate = Literal["mean", "min", "tail"]
-# The range of each signal's per-token value: "+" >= 0, "-" <= 0, and what it is.
-SIGNAL_RANGES = {
-    "token_confidence": ("+", "minus the mean of top-k log-probs"),
-    "group_confidence": ("+", "minus the mean of top-k log-probs, averaged over a window"),
-    "entropy": ("-", "minus the entropy, larger = more confident"),
-    "sampled_margin": ("-", "log p(sampled) - log p(top)"),
-}
-
 
 class HaltingOptions(BaseModel):
     """Log-prob halting: stop thinking when an aggregate of a per-token confidence signal
@@ -85,23 +75,6 @@ class HaltingOptions(BaseModel):
         return isinstance(self.threshold, str)
 
 
-def check_threshold_range(signal: str, threshold: float | str) -> None:
-    """A threshold outside the signal's range could never (or would always) fire."""
-    if isinstance(threshold, str):
-        return
-    sign, what = SIGNAL_RANGES.get(signal, (None, ""))
-    if sign == "+" and threshold < 0:
-        raise ValueError(f"{signal} is >= 0 ({what}); a negative threshold {threshold} makes no sense")
-    if sign == "-" and threshold > 0:
-        raise ValueError(f"{signal} is <= 0 ({what}); a positive threshold {threshold} makes no sense")
-
-
-def clamp_threshold(signal: str, threshold: float) -> float:
-    """`threshold` moved into the signal's range (the edge where it leaves it)."""
-    sign = SIGNAL_RANGES.get(signal, (None, ""))[0]
-    return max(threshold, 0.0) if sign == "+" else min(threshold, 0.0) if sign == "-" else threshold
-
-
 class TTCOptions(BaseModel):
     """Everything a request may ask of the in-engine test-time-compute controls."""
 
@@ -112,7 +85,7 @@ class TTCOptions(BaseModel):
     budget_tokens: TokenCount | None = Field(
         None, validation_alias=AliasChoices("budget_tokens", "thinking_budget"))
     min_think: TokenCount | None = Field(None, description="s1-style minimum thinking tokens")
-    reasoning_effort: Literal["none", "low", "medium", "high"] | None = None
+    reasoning_effort: budget.Effort | None = None
     answer_reserve: TokenCount = Field(16, description="tokens kept for the answer within max_tokens")
     conclusion: str | None = Field(DEFAULT_CONCLUSION, max_length=MAX_FORCED_TEXT_CHARS)
     # s1's "Final Answer:": forced right after the `</think>` of a forced conclusion (budget

@@ -42,6 +42,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ttc_vllm.engine import REQUIRED_DTYPE_KEY
 from ttc_vllm.search.protocols import Trace
 from ttc_vllm.testbed.task import STEP_TAG
 
@@ -216,9 +217,6 @@ def step_scores(rows: Sequence[Sequence[float]], tag_positions: Sequence[int],
 
 
 # -- scorers ---------------------------------------------------------------------------------
-
-REQUIRED_DTYPE_KEY = "ttc_vllm_required_dtype"   # in a PRM's config.json (prm_circuit sets it)
-
 
 def required_dtype(model: str) -> str | None:
     """The dtype a local PRM directory declares it must run in, if any."""

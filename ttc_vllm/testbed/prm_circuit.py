@@ -183,7 +183,7 @@ def build(policy_dir: Path, completion_tokens: tuple[list[int], list[int], int] 
     share = base / HIDDEN
     cfg.rms_norm_eps = pc.rms_norm_eps * share   # mean over HIDDEN dims = the policy's mean x 192/HIDDEN
     cfg.tie_word_embeddings = False
-    from ttc_vllm.prm.scorers import REQUIRED_DTYPE_KEY
+    from ttc_vllm.engine import REQUIRED_DTYPE_KEY
 
     setattr(cfg, REQUIRED_DTYPE_KEY, "float32")   # read back by pooling_llm_kwargs
     ps = policy.state_dict()
