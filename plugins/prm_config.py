@@ -14,6 +14,11 @@ SSRF hole. The operator picks one with environment variables when starting the s
 - `TTC_VLLM_PRM_CONFIG`: `ttc_vllm.prm.scorers.PRMConfig` as JSON (inline or a file path);
   default: the shipped testbed PRM.
 - `TTC_VLLM_PRM_ACTORS`: Ray actors in the pool (default 1).
+- `TTC_VLLM_RAY_HOST`: with `local`, the Ray head the server starts listens on loopback only
+  (GCS, raylet, agents, metrics exporters and the PRM actors; default 127.0.0.1). Set it to
+  an address of this machine to get Ray's own behaviour instead -- every port on every
+  interface, that address advertised -- e.g. for other nodes to join. A cluster joined by
+  address (`host:port`, `ray://`, `auto`) keeps its own configuration.
 """
 from __future__ import annotations
 

@@ -19,11 +19,19 @@ Failure handling, in layers:
   (backpressure the caller can turn into HTTP 503).
 
 Ray is imported only when a pool is built, so the pure search package never needs it.
+
+A Ray head this module starts (`init_ray`, shared with the batch replicas) listens on
+loopback only: its GCS, raylet (node and object manager), dashboard agent, runtime-env
+agent, metrics exporters and every worker/actor bind 127.0.0.1, so a serving process opens
+no Ray port to the network. `TTC_VLLM_RAY_HOST=<this machine's address>` opts into Ray's
+own behaviour instead (every interface, that address advertised), for a head other nodes
+must join. Joining an existing cluster by address is left to that cluster's configuration.
 """
 from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import os
 import socket
 from collections import deque
@@ -34,6 +42,8 @@ from ttc_vllm.ray_actors import import_ray, wait_ready
 from ttc_vllm.search.protocols import Trace
 
 ALIVE, PROBING, DEAD = "alive", "probing", "dead"
+RAY_HOST_ENV = "TTC_VLLM_RAY_HOST"
+LOOPBACK = "127.0.0.1"
 
 
 class PRMUnavailableError(RuntimeError):
@@ -80,6 +90,56 @@ def _import_ray():
     return import_ray("the PRM pool")
 
 
+def ray_host(environ: dict[str, str] | None = None) -> str:
+    """The node address of a Ray head this process starts: TTC_VLLM_RAY_HOST, else (and for
+    any loopback spelling) 127.0.0.1."""
+    environ = os.environ if environ is None else environ
+    host = environ.get(RAY_HOST_ENV, "").strip()
+    if host.lower() in ("", "localhost"):
+        return LOOPBACK
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return LOOPBACK  # Ray's servers go loopback-only for exactly "127.0.0.1"
+    except ValueError:
+        pass  # a host name: Ray resolves it
+    return host
+
+
+def init_ray(ray, address: str | None, **init_kwargs) -> None:
+    """`ray.init(address=address, **init_kwargs)`, except that None / "local" start a private
+    head listening on `ray_host()` -- loopback unless TTC_VLLM_RAY_HOST says otherwise.
+
+    Ray binds its gRPC servers to 127.0.0.1 only when the node's address is exactly that, but
+    `ray.init(_node_ip_address="127.0.0.1")` swaps a loopback address for the machine's
+    routable one on Linux (services.resolve_ip_for_localhost), so every port would listen on
+    0.0.0.0 / ::. Ray keeps the loopback address when ray_constants.ENABLE_RAY_CLUSTER is off
+    (its single-machine mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); the constant is read once
+    at import, so it is switched off around this call only. The node address is checked
+    afterwards: a Ray that ignored the switch is shut down rather than left listening."""
+    if address not in (None, "local"):
+        ray.init(address=address, **init_kwargs)
+        return
+    host = ray_host()
+    init_kwargs["_node_ip_address"] = host
+    if host != LOOPBACK:
+        ray.init(address="local", **init_kwargs)
+        return
+    from ray._private import ray_constants
+
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", **init_kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"Ray {ray.__version__} started on {node_ip}, not loopback, so it "
+                           f"would listen on every interface; set {RAY_HOST_ENV}={node_ip} to "
+                           "accept that")
+
+
 def _check_reachable(address: str, timeout_s: float) -> None:
     """Fail fast on an unreachable host:port (ray.init would hang for minutes)."""
     target = address.split("://", 1)[-1]
@@ -95,9 +155,10 @@ def _check_reachable(address: str, timeout_s: float) -> None:
 class PRMPool:
     """A StepScorer backed by `num_actors` Ray actors (see module doc).
 
-    address: None or "local" starts an in-process local Ray instance unless Ray is already
-    initialised; "host:port", "ray://host:port" or "auto" connect to an existing cluster
-    (host:port addresses are checked to be reachable first, even if Ray is initialised).
+    address: None or "local" starts an in-process local Ray instance on loopback (`init_ray`)
+    unless Ray is already initialised; "host:port", "ray://host:port" or "auto" connect to an
+    existing cluster (host:port addresses are checked to be reachable first, even if Ray is
+    initialised).
     actor_options go to `.options()` of each actor (e.g. {"num_gpus": 1}). The constructor
     blocks until every actor has built its scorer. Use the pool from one event loop at a
     time (the dispatcher moves to the loop of the latest caller).
@@ -130,7 +191,7 @@ class PRMPool:
             _check_reachable(address, connect_timeout_s)
         if not ray.is_initialized():
             try:
-                ray.init(address=address or "local", include_dashboard=False)
+                init_ray(ray, address, include_dashboard=False)
             except Exception as e:
                 raise PRMUnavailableError(f"cannot start or join Ray at {address!r}: {e}") from e
             self._owns_ray = True
