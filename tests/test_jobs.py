@@ -3,6 +3,7 @@ engine calls, the `job` CLI, the deploy files; fake-policy replicas on a local R
 run of the shipped testbed policy in a Ray replica."""
 import asyncio
 import json
+import re
 import shlex
 import signal
 import socket
@@ -592,13 +593,15 @@ def test_deploy_commands_are_accepted_by_the_cli(tmp_path):
         if argv[0] == "serve":
             _check_serve_args(argv[1:])
             continue
+        # these run as Ray jobs, whose working directory is temporary: results go to a volume
+        out = argv[argv.index("--out") + 1]
+        assert Path(out).is_absolute(), f"--out {out} in a Ray job must be absolute"
         # --out points into the cluster's volume; the parser checks that it is writable here
         argv = [str(tmp_path) if k and argv[k - 1] == "--out" else a for k, a in enumerate(argv)]
         args = build_parser().parse_args(argv)
         plan_args = vars(args)
         assert plan_args["strategies"] and plan_args["n"]
     rayjob = _load_all(DEPLOY / "kuberay/rayjob-evaluate.yaml")[0]
-    assert "ttc-vllm[gpu,ray]" in rayjob["spec"]["runtimeEnvYAML"]
     groups = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu")
                for g in groups for c in g["template"]["spec"]["containers"])
@@ -645,6 +648,128 @@ def test_image_builds_from_files_that_exist():
     sources = [src for srcs in copies for src in srcs]
     assert {"pyproject.toml", "ttc_vllm", "plugins"} <= set(sources)
     assert all((context / src).exists() for src in sources)
+
+
+def _pip_installs(text: str) -> list[str]:
+    """The arguments (requirements, paths) of every `pip install` in a shell text."""
+    found = []
+    for segment in re.split(r"&&|;|\n|\|\|", text.replace("\\\n", " ")):
+        match = re.search(r"\bpip3?\s+install\b(.*)", segment)
+        if match:
+            try:
+                words = shlex.split(match.group(1), comments=True)
+            except ValueError:
+                words = match.group(1).split()
+            found += [w for w in words if not w.startswith("-")]
+    return found
+
+
+def _runtime_env_pip(doc) -> list[str]:
+    """The pip requirements of RayJob / RayService runtime environments in a YAML document."""
+    import yaml
+
+    found = []
+    for node in _strings_and_lists(doc):
+        if isinstance(node, str) and re.search(r"^\s*pip\s*:", node, re.M):
+            env = yaml.safe_load(node)
+            pip = env.get("pip") if isinstance(env, dict) else None
+            found += (pip.get("packages", []) if isinstance(pip, dict) else pip) or []
+    return found
+
+
+def ttc_from_an_index(requirements) -> list[str]:
+    """The requirements that name the ttc-vllm distribution (so pip would fetch it from a
+    package index, which has none), as opposed to a path or a wheel file of this checkout."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    named = []
+    for text in requirements:
+        try:
+            requirement = Requirement(text)
+        except InvalidRequirement:  # ".[gpu,ray]", "$(ls dist/*.whl)[gpu]", "/x/y.whl": not names
+            continue
+        if canonicalize_name(requirement.name) == "ttc-vllm" and not requirement.url:
+            named.append(text)
+    return named
+
+
+def test_the_index_check_catches_what_the_manifests_used_to_do():
+    assert ttc_from_an_index(_pip_installs(
+        'ray stop && python3 -m pip install -U "ttc-vllm[gpu,ray]==0.1.0"')) == ["ttc-vllm[gpu,ray]==0.1.0"]
+    assert ttc_from_an_index(_runtime_env_pip({"runtimeEnvYAML": "pip:\n  - ttc_vllm[gpu]\n"})) == ["ttc_vllm[gpu]"]
+    assert ttc_from_an_index(_pip_installs('pip install ".[gpu,ray]" "ray[default]==2.60.0"')) == []
+    assert ttc_from_an_index(_pip_installs('pip install "$(ls d/ttc_vllm-*.whl | tail -n 1)[gpu,ray]"')) == []
+
+
+def test_no_manifest_installs_ttc_vllm_from_a_package_index():
+    offenders = {}
+    for path in _deploy_yaml_files():
+        for doc in _load_all(path):
+            texts = [n for n in _strings_and_lists(doc) if isinstance(n, str)]
+            named = ttc_from_an_index([a for t in texts for a in _pip_installs(t)] + _runtime_env_pip(doc))
+            if named:
+                offenders[path.name] = named
+    named = ttc_from_an_index(_pip_installs((DEPLOY / "Dockerfile").read_text()))
+    if named:
+        offenders["Dockerfile"] = named
+    assert not offenders, f"no package index has ttc-vllm: {offenders}"
+
+
+def _dockerfile() -> tuple[str, str]:
+    """(the image tag the Dockerfile says to build, its RAY_VERSION)."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    [tag] = re.findall(r"docker build -f deploy/Dockerfile -t (\S+) \.", text)
+    [ray_version] = re.findall(r"^ARG RAY_VERSION=(\S+)$", text, re.M)
+    return tag, ray_version
+
+
+def _containers(doc) -> list[dict]:
+    if not isinstance(doc, dict):
+        return []
+    found = []
+    for key, value in doc.items():
+        if key == "containers" and isinstance(value, list):
+            found += value
+        elif isinstance(value, (dict, list)):
+            for item in value if isinstance(value, list) else [value]:
+                found += _containers(item)
+    return found
+
+
+def test_manifests_use_the_image_the_dockerfile_builds_with_its_ray():
+    tag, ray_version = _dockerfile()
+    version = tag.rsplit(":", 1)[1]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert version == re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    compose = _load_all(DEPLOY / "docker-compose.yaml")[0]
+    assert compose["services"]["ttc-vllm"]["image"] == tag  # compose builds and names it
+    images = {}
+    for path in (DEPLOY / "kubernetes/serve.yaml", DEPLOY / "kuberay/rayjob-evaluate.yaml"):
+        for doc in _load_all(path):
+            for container in _containers(doc):
+                images.setdefault(path.name, []).append(container["image"])
+    # every pod that runs ttc-vllm (serving, the Ray head that runs the job, the GPU workers
+    # that host the engines) runs that image; a stock Ray image has no ttc-vllm
+    assert images["serve.yaml"] == [tag]
+    assert images["rayjob-evaluate.yaml"] == [tag, tag]
+    rayjob = _load_all(DEPLOY / "kuberay/rayjob-evaluate.yaml")[0]
+    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == ray_version
+    assert "wget" in (DEPLOY / "Dockerfile").read_text()  # KubeRay's default probes run it
+    launcher = _load_all(DEPLOY / "ray-cluster.yaml")[0]
+    pins = {r for c in launcher["setup_commands"] for r in _pip_installs(c) if r.startswith("ray[")}
+    assert pins == {f"ray[default]=={ray_version}"}, "every node must run the image's Ray"
+
+
+def test_cluster_launcher_installs_the_wheel_the_readme_says_to_build():
+    launcher = _load_all(DEPLOY / "ray-cluster.yaml")[0]
+    [target] = [t for t, s in launcher["file_mounts"].items() if s.rstrip("/") == "./dist"]
+    wheels = [r for c in launcher["setup_commands"] for r in _pip_installs(c) if "ttc_vllm-" in r]
+    # pip names the wheel after the distribution with "_" (ttc_vllm-0.1.0-py3-none-any.whl)
+    assert len(wheels) == 1 and f"{target}/ttc_vllm-*.whl" in wheels[0] and wheels[0].endswith("[gpu,ray]")
+    readme = (DEPLOY / "README.md").read_text()
+    assert "pip wheel . --no-deps -w dist" in readme and "docker build -f deploy/Dockerfile" in readme
+    assert "pip wheel . --no-deps -w dist" in (DEPLOY / "ray-cluster.yaml").read_text()
 
 
 # -- Ray ------------------------------------------------------------------------------------
