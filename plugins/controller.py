@@ -36,6 +36,7 @@ import threading
 from typing import Any
 
 from ttc_vllm.limits import env_positive_int
+from ttc_vllm_plugins import vllm_compat
 from ttc_vllm_plugins.request_rewrite import (
     DEFAULT_MAX_SEARCH_WORK, PASS, TTC_FIELD, RequestRejected, ServerLimits, carries_ttc,
     error_body, might_carry_ttc, parse_body, plan_request,
@@ -51,7 +52,6 @@ CONTROLLED_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
 # Generation endpoints that cannot serve TTC options: a `ttc` there is refused, not ignored.
 UNSUPPORTED_PATHS = ("/v1/responses", "/v1/messages", "/v1/chat/completions/batch",
                      "/inference/v1/generate")
-HANDLER_ATTRS = ("openai_serving_chat", "openai_serving_completion")
 MAP_EFFORT_ENV = "TTC_VLLM_MAP_REASONING_EFFORT"
 # Start-up limits (read once; a malformed value stops the server with a message naming it).
 MAX_SEARCH_WORK_ENV = "TTC_VLLM_MAX_SEARCH_WORK"
@@ -115,16 +115,20 @@ class SamplingController:
         concurrent = env_positive_int(MAX_CONCURRENT_SEARCHES_ENV, DEFAULT_MAX_CONCURRENT_SEARCHES)
         runner = None
         if engine_client is not None:
-            tokenizer = engine_client.renderer.tokenizer
+            tokenizer = vllm_compat.engine_tokenizer(engine_client)
             scorer = scorer if scorer is not None else scorer_from_env(tokenizer=tokenizer)
             max_model_len = engine_client.model_config.max_model_len
             runner = SearchRunner(engine_client, tokenizer, max_model_len, scorer)
-            for attr in HANDLER_ATTRS:
-                handler = getattr(state, attr, None)
-                if handler is not None and not isinstance(handler.engine_client, SearchingEngineClient):
-                    handler.engine_client = SearchingEngineClient(handler.engine_client, runner)
-            logger.info("ttc-vllm sampling controller: search on (%s PRM, step delimiter %r)",
-                        "with" if scorer is not None else "no", runner.step_delimiter)
+
+            def wrap(client):
+                return client if isinstance(client, SearchingEngineClient) else \
+                    SearchingEngineClient(client, runner)
+
+            if vllm_compat.wrap_handler_engine_clients(state, wrap):
+                logger.info("ttc-vllm sampling controller: search on (%s PRM, step delimiter %r)",
+                            "with" if scorer is not None else "no", runner.step_delimiter)
+            else:
+                runner = None   # the handlers could not be wrapped: search is off (compat warned)
         else:
             logger.warning("ttc-vllm sampling controller: no engine client; search is off")
         controller = cls(runner, map_effort, work, concurrent)

@@ -20,13 +20,13 @@ import json
 import os
 from pathlib import Path
 
-from vllm.v1.core.sched.scheduler import Scheduler
+from ttc_vllm_plugins.vllm_compat import scheduler_base, used_kv_blocks
 
 PEAK_FILE_ENV = "TTC_VLLM_KV_PEAK_FILE"
 SCHEDULER_CLS = "ttc_vllm_plugins.kv_accounting.KVAccountingScheduler"
 
 
-class KVAccountingScheduler(Scheduler):
+class KVAccountingScheduler(scheduler_base()):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._peak_file = os.environ.get(PEAK_FILE_ENV) or None
@@ -34,8 +34,7 @@ class KVAccountingScheduler(Scheduler):
         self.schedule_calls = 0
 
     def used_blocks(self) -> int:
-        pool = self.kv_cache_manager.block_pool
-        return pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # 1: the null block
+        return used_kv_blocks(self)[0]
 
     def schedule(self, *args, **kwargs):
         out = super().schedule(*args, **kwargs)
@@ -52,7 +51,7 @@ class KVAccountingScheduler(Scheduler):
         if self._peak_file is None:
             return
         record = {"peak_used_blocks": self.peak_used_blocks,
-                  "num_blocks": self.kv_cache_manager.block_pool.num_gpu_blocks - 1,
+                  "num_blocks": used_kv_blocks(self)[1],
                   "block_size": self.block_size,
                   "schedule_calls": self.schedule_calls}
         tmp = f"{self._peak_file}.tmp{os.getpid()}"

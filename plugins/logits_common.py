@@ -14,6 +14,7 @@ from typing import Any
 
 from ttc_vllm.control import Markers, SlotParams, SlotRecord
 from ttc_vllm.options import TTCOptions
+from ttc_vllm_plugins import vllm_compat
 
 logger = logging.getLogger("ttc_vllm.plugins")
 
@@ -58,13 +59,8 @@ class EngineContext:
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> EngineContext:
-        from vllm.tokenizers import cached_tokenizer_from_config
-
-        mc = vllm_config.model_config
-        served = mc.served_model_name
-        served = " ".join(served) if isinstance(served, list) else (served or "")
-        model = f"{mc.model} {served}".strip()
-        tokenizer = cached_tokenizer_from_config(mc)
+        model = vllm_compat.served_model_names(vllm_config)
+        tokenizer = vllm_compat.tokenizer_for(vllm_config)
         markers = cls._markers(vllm_config, tokenizer)
         if markers is None:
             logger.warning("ttc-vllm: no single-token thinking markers for %s; thinking controls "
@@ -79,9 +75,7 @@ class EngineContext:
             start = _single_token(tokenizer, start_s or DEFAULT_THINK_START)
             end = _single_token(tokenizer, end_s or DEFAULT_THINK_END)
             return Markers(start, end) if start is not None and end is not None else None
-        rc = getattr(vllm_config, "reasoning_config", None)
-        start_ids = getattr(rc, "reasoning_start_token_ids", None) if rc is not None else None
-        end_ids = getattr(rc, "natural_reasoning_end_token_ids", None) if rc is not None else None
+        start_ids, end_ids = vllm_compat.reasoning_marker_ids(vllm_config)
         if start_ids and end_ids and len(start_ids) == 1 and len(end_ids) == 1:
             return Markers(start_ids[0], end_ids[0])
         if tokenizer is None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
-
 from ttc_vllm.control import ThinkingController, scan_think_ids
 from ttc_vllm_plugins import logits_common as common
+from ttc_vllm_plugins import vllm_compat
 
 
-class TTCLogitsProcessorV1(LogitsProcessor):
+class TTCLogitsProcessorV1:
+    """The V1 implementation behind `TTCLogitsProcessor` (ttc_vllm_plugins/logits.py)."""
+
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         common.validate_params(sampling_params)
@@ -28,6 +29,7 @@ class TTCLogitsProcessorV1(LogitsProcessor):
         self.pin_memory = is_pin_memory and self.device.type != "cpu"
         self.ctx = context if context is not None else common.EngineContext.from_vllm_config(vllm_config)
         self.max_slots = vllm_config.scheduler_config.max_num_seqs
+        self.swap = vllm_compat.v1_move_swap()
         self.ctrl = (ThinkingController(self.max_slots, self.ctx.markers, self.device)
                      if self.ctx.markers is not None else None)
         self.free_slots = list(range(self.max_slots - 1, -1, -1))
@@ -63,7 +65,7 @@ class TTCLogitsProcessorV1(LogitsProcessor):
         self.row_slot[row] = slot
         self.row_out[row] = output_ids
 
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
+    def update_state(self, batch_update) -> None:
         if self.ctrl is None or not batch_update:
             return
         for row in batch_update.removed:
@@ -72,7 +74,7 @@ class TTCLogitsProcessorV1(LogitsProcessor):
             self._drop(row)  # a finished request's row reused without a removal entry
             self._add(row, params, prompt_ids, output_ids)
         for a, b, direction in batch_update.moved:
-            if direction == MoveDirectionality.SWAP:
+            if direction == self.swap:
                 for table in (self.row_slot, self.row_out):
                     va, vb = table.pop(a, None), table.pop(b, None)
                     if va is not None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
-
 from ttc_vllm.control import ThinkingController
 from ttc_vllm_plugins import logits_common as common
+from ttc_vllm_plugins import vllm_compat
 
 
-class TTCLogitsProcessorV2(LogitsProcessor):
+class TTCLogitsProcessorV2:
+    """The V2 implementation behind `TTCLogitsProcessor` (ttc_vllm_plugins/logits.py)."""
+
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         common.validate_params(sampling_params)
@@ -53,25 +54,24 @@ class TTCLogitsProcessorV2(LogitsProcessor):
     def apply_staged_writes(self) -> None:
         if not self._new_slots:
             return
-        rs = self.req_states
         slots = self._new_slots
         self._new_slots = []
-        prefill = rs.prefill_len.np[slots].astype(np.int64)
-        prompt = rs.prompt_len.np[slots].astype(np.int64)
+        prefill, prompt, tokens = vllm_compat.v2_admission_state(self.req_states, slots)
+        prefill, prompt = prefill.astype(np.int64), prompt.astype(np.int64)
         idx = torch.tensor(slots, dtype=torch.long).to(self.device)
         width = max(int(prefill.max()), 1)         # host numbers: no device sync
-        history = rs.all_token_ids.gpu[idx, :width].long()
+        history = tokens[idx, :width].long()
         self.ctrl.init_from_history(idx, history, torch.from_numpy(prefill).to(self.device),
                                     torch.from_numpy(prefill - prompt).to(self.device))
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
-        if self.ctrl is None or not self.active[ctx.idx_mapping_np].any():
+        if self.ctrl is None or not self.active[vllm_compat.v2_host_slots(ctx)].any():
             return logits
-        rs = self.req_states
-        slots = ctx.expanded_idx_mapping.long()
-        slots = torch.where(ctx.expanded_local_pos == 0, slots, torch.full_like(slots, -1))
+        rows, local_pos, total_len, prompt_len, tokens = vllm_compat.v2_step_rows(self.req_states, ctx)
+        slots = rows.long()
+        slots = torch.where(local_pos == 0, slots, torch.full_like(slots, -1))
         safe = slots.clamp(min=0)
-        total = rs.total_len.gpu[safe].long()
-        last = rs.all_token_ids.gpu[safe, (total - 1).clamp(min=0)].long()
-        out_len = total - rs.prompt_len.gpu[safe].long()
+        total = total_len[safe].long()
+        last = tokens[safe, (total - 1).clamp(min=0)].long()
+        out_len = total - prompt_len[safe].long()
         return self.ctrl.step(logits, slots, last, out_len)

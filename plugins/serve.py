@@ -80,11 +80,11 @@ def serve_main(argv: list[str] | None = None) -> int:
     os.environ[PLUGINS_ENV] = plugin_allowlist(os.environ.get(PLUGINS_ENV))
 
     import uvloop
-    from vllm.entrypoints.launchers.api_server.entry import run_server
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from ttc_vllm_plugins.vllm_compat import serve_entry
+
+    (run_server, make_arg_parser, validate_parsed_serve_args, cli_env_setup,
+     configure_logging_from_args, FlexibleArgumentParser) = serve_entry()
 
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(
