@@ -20,12 +20,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, save_figure, write_result  # noqa: E402,F401
+from ttc_vllm.testbed import policy_path  # noqa: E402
 
 TIERS = ("easy", "medium", "hard")
 
 
 def add_engine_args(ap) -> None:
-    ap.add_argument("--model", default=None,
+    ap.add_argument("--model", default=str(policy_path()),
                     help="policy directory (default: the shipped testbed policy, ttc_vllm.testbed.policy_path())")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--kv-mib", type=int, default=768, help="KV cache size in MiB")

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, save_figure, write_result  # noqa: E402
+from ttc_vllm.testbed import policy_path  # noqa: E402
 
 KINDS = ("none", "arithmetic only", "terms only", "arithmetic and terms", "chain", "unparsed")
 FILTERS = ("all traces", "term check", "arithmetic check", "both checks")
@@ -113,7 +114,7 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=200)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=str(policy_path()))
     a = ap.parse_args()
 
     from ttc_vllm.engine import make_llm

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ttc_vllm import halting as H
+from ttc_vllm.testbed import policy_path
 
 CALIBRATION_ENV = "TTC_VLLM_CALIBRATION"
 CALIBRATION_SEED = 20_000  # held-out slice: training uses no tier generator, evaluation 10_000
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--name", required=True, help="calibration entry name (what requests send as threshold)")
     ap.add_argument("--out", default=os.environ.get(CALIBRATION_ENV, "ttc_calibration.json"),
                     help=f"calibration JSON file (default ${CALIBRATION_ENV} or ./ttc_calibration.json)")
-    ap.add_argument("--model", default=None, help="policy model (default: the shipped testbed policy)")
+    ap.add_argument("--model", default=str(policy_path()), help="policy model (default: the shipped testbed policy)")
     ap.add_argument("--tier", default="medium")
     ap.add_argument("--problems", type=int, default=16, help="warm-up problems")
     ap.add_argument("--samples", type=int, default=1, help="traces per problem")

@@ -40,6 +40,8 @@ LOGITS_PROCESSOR = "ttc_vllm_plugins.logits:TTCLogitsProcessor"
 
 def engine_kwargs(model: str, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` of `model`, with CPU defaults on CPU."""
+    if not model:   # str(None) would send vLLM to the hub for a model named "None"
+        raise ValueError("a model (directory or hub id) is required")
     kwargs: dict[str, Any] = {"model": str(model)}
     if on_cpu():
         kwargs.update(CPU_ENGINE_DEFAULTS)

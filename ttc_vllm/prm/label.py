@@ -253,10 +253,12 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def prm_data_main(argv: list[str] | None = None) -> dict[str, Any]:
     """`ttc-vllm job prm-data`: MC-label sampled testbed traces with the policy in vLLM."""
+    from ttc_vllm.testbed import policy_path
+
     ap = argparse.ArgumentParser(prog="ttc-vllm job prm-data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="JSONL file to write")
-    ap.add_argument("--policy", default=None, help="policy model dir (default: shipped testbed policy)")
+    ap.add_argument("--policy", default=str(policy_path()), help="policy model dir (default: shipped testbed policy)")
     ap.add_argument("--tiers", default="easy:40,medium:80,hard:80",
                     help="problems per tier, name:count,...")
     ap.add_argument("--traces-per-problem", type=int, default=4)
