@@ -3,6 +3,7 @@ engine calls, the `job` CLI, the deploy files; fake-policy replicas on a local R
 run of the shipped testbed policy in a Ray replica."""
 import asyncio
 import json
+import os
 import re
 import shlex
 import signal
@@ -16,8 +17,9 @@ import pytest
 
 from ttc_vllm.cli import build_parser, main
 from ttc_vllm.jobs.evaluate import (
-    RESULTS_FILE, Item, JobError, LocalWorker, OutputLock, Plan, ResultStore,
-    evaluate_item, format_table, jsonl_problems, run_items, summarize,
+    RAY_JOB_CONFIG_ENV, RESULTS_FILE, STORAGE_ENV, Item, JobError, LocalWorker, OutputLock, Plan,
+    ResultStore, evaluate_item, format_table, jsonl_problems, ray_job_id, results_dir, run_items,
+    summarize,
 )
 from ttc_vllm.jobs.evaluate import testbed_problems as tiers_problems  # not "test*": pytest would collect it
 from ttc_vllm.jobs.replicas import CoalescingGenerator, TokenizingPolicy, resolve_address
@@ -532,6 +534,151 @@ def test_address_resolution():
         resolve_address("http://head:8265", {})
 
 
+# -- where results go, waiting for resources ----------------------------------------------
+
+def _ray_job_env(job="raysubmit_abc123", **extra):
+    """The environment `ray job submit` gives the entrypoint (ray's job_supervisor)."""
+    config = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"},
+              "metadata": {"job_submission_id": job, "job_name": job}}
+    return {RAY_JOB_CONFIG_ENV: json.dumps(config), "RAY_ADDRESS": "127.0.0.1:6379", **extra}
+
+
+def test_ray_job_detection_reads_what_ray_sets():
+    pytest.importorskip("ray")
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+    from ray.dashboard.modules.job.common import JOB_ID_METADATA_KEY
+
+    # the names this installed Ray uses; if Ray renames them, detection must follow
+    assert RAY_JOB_CONFIG_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR and JOB_ID_METADATA_KEY == "job_submission_id"
+    assert ray_job_id(_ray_job_env()) == "raysubmit_abc123"
+    assert ray_job_id({"RAY_ADDRESS": "auto"}) is None  # a cluster address alone is not a job
+    assert ray_job_id({RAY_JOB_CONFIG_ENV: "{broken"}) == "(unknown id)"
+
+
+def test_results_dir_outside_and_inside_a_ray_job(tmp_path):
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    assert results_dir("/data/runs/x", _ray_job_env(), copy) == Path("/data/runs/x")
+    assert results_dir("runs/x", {}, tmp_path) == tmp_path / "runs/x"
+    assert results_dir("~/runs/x", {}, tmp_path) == Path.home() / "runs/x"
+    with pytest.raises(JobError) as e:
+        results_dir("runs/x", _ray_job_env(), copy)
+    msg = str(e.value)
+    assert msg.startswith("--out runs/x is relative") and "raysubmit_abc123" in msg
+    assert "temporary copy of --working-dir" in msg and "absolute path" in msg and STORAGE_ENV in msg
+    with pytest.raises(JobError, match="a directory Ray chose"):  # no --working-dir: still not the user's
+        results_dir("runs/x", _ray_job_env(), tmp_path)
+    # a storage root takes relative paths, in a job or not
+    assert results_dir("runs/x", _ray_job_env(**{STORAGE_ENV: "/mnt/results"}), copy) == Path("/mnt/results/runs/x")
+    assert results_dir("runs/x", {STORAGE_ENV: "/mnt/results"}, tmp_path) == Path("/mnt/results/runs/x")
+    with pytest.raises(JobError, match=f"{STORAGE_ENV}='results': must be an absolute path"):
+        results_dir("runs/x", {STORAGE_ENV: "results"}, tmp_path)
+    with pytest.raises(JobError, match="--out s3://bucket/x: results are written as local files"):
+        results_dir("s3://bucket/x", {}, tmp_path)
+
+
+def _done_store(directory: Path) -> list[str]:
+    """A results file holding every item of `job evaluate` over 2 easy problems with majority
+    n=2 (so the command needs no Ray), and that command's grid arguments."""
+    plan = small_plan(strategies=["majority"], ns=[2], problems=tiers_problems(["easy"], 2, 10_000),
+                      policy="testbed-policy", prm=None)
+    store = ResultStore(directory)
+    for item in plan.items():
+        store.append(_record(*item.key, correct=True, setup=plan.setup(item)))
+    return ["job", "evaluate", "--tiers", "easy", "--problems", "2", "--strategies", "majority", "--n", "2"]
+
+
+def test_job_in_a_ray_job_refuses_a_relative_out_and_uses_the_storage_root(tmp_path, monkeypatch, capsys):
+    copy = tmp_path / "ray" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    for key, value in _ray_job_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    grid = _done_store(tmp_path / "storage" / "runs" / "x")
+    assert main(grid + ["--out", "runs/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ttc-vllm job evaluate: error: --out runs/x is relative") and len(err.splitlines()) == 1
+    assert not (copy / "runs").exists()  # nothing written into Ray's copy
+    # with a storage root the same command finds (resumes) the results there
+    monkeypatch.setenv(STORAGE_ENV, str(tmp_path / "storage"))
+    assert main(grid + ["--out", "runs/x"]) == 0
+    out = capsys.readouterr().out
+    where = tmp_path / "storage" / "runs" / "x"
+    assert out.splitlines()[0] == f"results: {where} (rerun with the same --out to resume)"
+    assert "2 already in" in out and "0 to run" in out and (where / "summary.json").is_file()
+    assert not (copy / "runs").exists()
+
+
+def test_results_line_names_the_absolute_directory_outside_ray(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for key in (RAY_JOB_CONFIG_ENV, STORAGE_ENV, "RAY_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    grid = _done_store(tmp_path / "runs" / "y")
+    assert main(grid + ["--out", "runs/y"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"results: {tmp_path / 'runs' / 'y'} (rerun with the same --out to resume)"
+    assert out[-1].startswith(f"wrote {tmp_path / 'runs' / 'y' / 'summary.json'}")
+    (tmp_path / "a_file").write_text("")
+    assert main(grid + ["--out", "a_file/z"]) == 2
+    assert "--out a_file/z: cannot create" in capsys.readouterr().err
+
+
+def test_resource_watch_reports_until_the_cluster_has_the_resources():
+    import threading
+
+    from ttc_vllm.jobs.replicas import ResourceWatch
+
+    totals = iter([{"CPU": 8, "GPU": 0}, {"CPU": 8, "GPU": 1}, RuntimeError("GCS busy"),
+                   {"CPU": 8, "GPU": 3}])
+    messages, done = [], threading.Event()
+
+    def resources():
+        value = next(totals)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def report(message):
+        messages.append(message)
+        if "has the resources" in message:
+            done.set()
+
+    groups = [("policy replica(s)", 2, {"num_cpus": 1, "num_gpus": 1}), ("PRM actor(s)", 1, {"num_gpus": 1})]
+    with ResourceWatch(groups, timeout_s=900, every_s=0.01, report=report, resources=resources):
+        assert done.wait(60)
+    waiting = ("waiting for resources: 2 policy replica(s) x 1 + 1 PRM actor(s) x 1 need 3 GPU, "
+               "the cluster has {} now; an autoscaler may add nodes")
+    assert [m.split(" (waited")[0] for m in messages] == [
+        waiting.format(0), waiting.format(1),
+        "the cluster has the resources now"]  # the failed query in between said nothing
+    assert "--ready-timeout 900 s" in messages[0]
+    quiet = []
+    with ResourceWatch(groups, 900, every_s=0.01, report=quiet.append, resources=lambda: {"CPU": 4, "GPU": 3}):
+        pass
+    assert quiet == []  # enough from the start: nothing to say, no thread
+
+
+@pytest.mark.parametrize("address, fixed", [("local", True), ("auto", False), ("10.0.0.5:6379", False),
+                                            ("ray://head:10001", False)])
+def test_only_a_ray_the_job_started_is_a_fixed_cluster(address, fixed, tmp_path, monkeypatch, capsys):
+    from ttc_vllm.jobs import replicas
+
+    seen = []
+
+    def check_resources(groups, fixed_cluster):
+        seen.append((groups, fixed_cluster))
+        raise replicas.ReplicaUnavailableError("checked")
+
+    monkeypatch.setattr(replicas, "check_reachable", lambda address, timeout_s=5.0: None)
+    monkeypatch.setattr(replicas, "connect", lambda address, num_cpus=None: True)  # "this call ran ray.init"
+    monkeypatch.setattr(replicas, "check_resources", check_resources)
+    code = main(["job", "evaluate", "--tiers", "easy", "--problems", "1", "--strategies", "majority",
+                 "--out", str(tmp_path), "--address", address, "--replica-gpus", "1"])
+    assert code == 2 and "checked" in capsys.readouterr().err
+    [(groups, fixed_cluster)] = seen
+    assert fixed_cluster is fixed and groups == [("policy replica(s)", 1, {"num_cpus": 1.0, "num_gpus": 1.0})]
+
+
 # -- deploy files ---------------------------------------------------------------------------
 
 def _deploy_yaml_files():
@@ -580,7 +727,7 @@ def test_every_deploy_file_is_valid_yaml():
         assert _load_all(path), f"{path} is empty"
 
 
-def test_deploy_commands_are_accepted_by_the_cli(tmp_path):
+def test_deploy_commands_are_accepted_by_the_cli():
     runs = {}
     for path in _deploy_yaml_files():
         for doc in _load_all(path):
@@ -593,14 +740,10 @@ def test_deploy_commands_are_accepted_by_the_cli(tmp_path):
         if argv[0] == "serve":
             _check_serve_args(argv[1:])
             continue
-        # these run as Ray jobs, whose working directory is temporary: results go to a volume
-        out = argv[argv.index("--out") + 1]
-        assert Path(out).is_absolute(), f"--out {out} in a Ray job must be absolute"
-        # --out points into the cluster's volume; the parser checks that it is writable here
-        argv = [str(tmp_path) if k and argv[k - 1] == "--out" else a for k, a in enumerate(argv)]
         args = build_parser().parse_args(argv)
-        plan_args = vars(args)
-        assert plan_args["strategies"] and plan_args["n"]
+        assert args.strategies and args.n
+        # these run as Ray jobs, whose working directory is temporary: results go to a volume
+        assert Path(args.out).is_absolute(), f"--out {args.out} in a Ray job must be absolute"
     rayjob = _load_all(DEPLOY / "kuberay/rayjob-evaluate.yaml")[0]
     groups = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu")
@@ -938,3 +1081,116 @@ def test_local_cluster_too_small_for_the_replicas_is_refused(local_ray):
     with pytest.raises(ReplicaUnavailableError, match="need 1 GPU, the cluster has 0"):
         check_resources([("policy replica(s)", 1, {"num_cpus": 0.5, "num_gpus": 1})], fixed_cluster=True)
     assert "autoscaler" in check_resources([("policy replica(s)", 3, {"num_cpus": 1})], fixed_cluster=False)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_job_on_a_cluster_it_joined_waits_for_gpus_instead_of_refusing(local_ray, tmp_path, capsys):
+    """A Ray this job did not start (here the test's, joined with --address auto) may grow: a
+    replica that needs a GPU the cluster lacks is requested and waited for, with a message,
+    until --ready-timeout -- not refused at once as on a local Ray the job starts itself."""
+    start = time.monotonic()
+    code = main(["job", "evaluate", "--tiers", "easy", "--problems", "1", "--strategies", "majority",
+                 "--n", "2", "--out", str(tmp_path), "--address", "auto", "--replica-gpus", "1",
+                 "--replica-cpus", "0.5", "--ready-timeout", "4"])
+    waited = time.monotonic() - start
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert "waiting for resources: 1 policy replica(s) x 1 need 1 GPU, the cluster has 0 now; an " \
+           "autoscaler may add nodes" in captured.out
+    assert "policy replicas not ready after 4s" in captured.err
+    assert waited >= 4  # it waited the whole timeout (a lower bound: the timeout cannot end early)
+    assert local_ray.is_initialized()  # not the job's Ray: left running
+
+
+STOP_SCRIPT = """
+import asyncio, os, sys
+
+from ttc_vllm.jobs import replicas
+
+HANG_AFTER = int(os.environ["HANG_AFTER"])  # engine calls answered before the policy hangs (-1: never)
+
+
+def fake_vllm_policy(model, overrides, delimiter):  # in __main__: pickled by value with HANG_AFTER
+    from ttc_vllm.jobs.replicas import TokenizingPolicy
+    from ttc_vllm.search.fakes import FakeArithmeticPolicy, load_testbed_tokenizer
+
+    class Hanging(FakeArithmeticPolicy):
+        calls = 0
+
+        async def complete(self, prefixes, n, params):
+            Hanging.calls += 1
+            if 0 <= HANG_AFTER < Hanging.calls:
+                await asyncio.Event().wait()  # never answers: only a stop ends the run
+            return await super().complete(prefixes, n, params)
+
+    return TokenizingPolicy(Hanging(seed=1), load_testbed_tokenizer())
+
+
+replicas.vllm_policy = fake_vllm_policy
+from ttc_vllm.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run_job(argv, hang_after: int, logs: Path) -> subprocess.Popen:
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HANG_AFTER": str(hang_after)}
+    env.pop("RAY_ADDRESS", None)
+    # its own session, like a Ray job's entrypoint: the failure guard can end its whole group
+    return subprocess.Popen([sys.executable, "-c", STOP_SCRIPT, *argv], cwd=ROOT, env=env,
+                            stdout=open(logs / "out", "w"), stderr=open(logs / "err", "w"),
+                            start_new_session=True)
+
+
+def _reap(proc: subprocess.Popen, timeout_s: float) -> int:
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        raise
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_sigterm_stops_the_job_with_what_is_left_and_a_rerun_resumes(tmp_path):
+    """What `ray job stop` does to the entrypoint: SIGTERM once items are recorded. The job
+    says how many are left and exits 143; the same command then runs only those."""
+    out = tmp_path / "out"
+    argv = ["job", "evaluate", "--tiers", "easy", "--problems", "5", "--seed", "0", "--strategies",
+            "majority", "--n", "2", "--out", str(out), "--num-cpus", "1", "--replica-cpus", "0.5",
+            "--concurrency", "1"]
+    proc = _run_job(argv, hang_after=2, logs=tmp_path / "first")
+    results = out / RESULTS_FILE
+    try:
+        deadline = time.monotonic() + 300  # a failure guard only: the wait is for the record
+        while proc.poll() is None and time.monotonic() < deadline:
+            if results.exists() and results.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, (tmp_path / "first" / "err").read_text()[-3000:]
+        assert results.exists(), "no record before the deadline"
+        proc.send_signal(signal.SIGTERM)
+        code = _reap(proc, 120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    err = (tmp_path / "first" / "err").read_text()
+    stdout = (tmp_path / "first" / "out").read_text()
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    done = len(lines_of(out))
+    assert 1 <= done < 5  # the policy hangs after 2 calls: the run could not have finished
+    assert f"stopped (SIGTERM): {done} of 5 items done, {5 - done} left; rerun the same command " \
+           "to resume" in err, err[-3000:]
+    assert stdout.splitlines()[0] == f"results: {out} (rerun with the same --out to resume)"
+
+    proc = _run_job(argv, hang_after=-1, logs=tmp_path / "second")
+    code = _reap(proc, 300)
+    stdout = (tmp_path / "second" / "out").read_text()
+    assert code == 0, (tmp_path / "second" / "err").read_text()[-3000:]
+    assert f"{done} already in {results}, {5 - done} to run" in stdout
+    keys = [(r["strategy"], r["n"], r["tier"], r["index"]) for r in lines_of(out)]
+    assert len(keys) == len(set(keys)) == 5

@@ -121,7 +121,12 @@ def _add_job_evaluate(job_sub) -> None:
     grid.add_argument("--step-delimiter", default=None,
                       help=r"step delimiter, backslash escapes allowed (default: the testbed's <step>; '\n\n' for real models)")
     run = ev.add_argument_group("models and cluster")
-    run.add_argument("--out", type=writable_dir, required=True, help="results directory (reuse it to resume)")
+    # The text as given (a Path would turn s3://b into s3:/b); the job resolves and checks it:
+    # a relative path may resolve against $TTC_VLLM_JOB_STORAGE.
+    run.add_argument("--out", required=True,
+                     help="results directory, reuse it to resume. A relative path is resolved against "
+                          "$TTC_VLLM_JOB_STORAGE if set, else the working directory (refused inside a Ray "
+                          "job, whose working directory is temporary)")
     run.add_argument("--policy", default=None, help="policy model dir or hub id (default: shipped testbed policy)")
     run.add_argument("--engine-kwargs", default=None, help="JSON object of extra vllm.LLM arguments for the policy")
     run.add_argument("--prm-config", default=None, help="PRMConfig JSON or file (default: shipped testbed PRM)")
@@ -136,7 +141,9 @@ def _add_job_evaluate(job_sub) -> None:
     run.add_argument("--prm-cpus", type=non_negative_float, default=1.0)
     run.add_argument("--prm-gpus", type=non_negative_float, default=0.0)
     run.add_argument("--concurrency", type=positive_int, default=8, help="problems in flight per replica")
-    run.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for engines to start")
+    run.add_argument("--ready-timeout", type=float, default=900.0,
+                     help="seconds each actor group (policy replicas, PRM actors) may take to start, "
+                          "including waiting for a joined cluster to add the resources they need")
 
 
 def build_parser() -> argparse.ArgumentParser:

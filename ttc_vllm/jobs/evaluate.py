@@ -14,6 +14,17 @@ options, problem text) for the same key is an error, never silently mixed. One r
 time writes to OUT (a lock file). When every item is done the run writes OUT/summary.json,
 prints a table (accuracy and generated tokens per strategy x n x tier) and plots
 OUT/accuracy_vs_tokens.png.
+
+Where OUT is (`results_dir`): an absolute --out as given; a relative one against
+$TTC_VLLM_JOB_STORAGE when that is set, else against the working directory -- except inside
+a Ray job (`ray job submit`), whose working directory is Ray's temporary copy of
+--working-dir: there a relative --out without TTC_VLLM_JOB_STORAGE is refused. The run
+prints the absolute OUT first.
+
+Stopping (`StopSignals`): SIGTERM (`ray job stop`, `kubectl delete`, `docker stop`) and
+SIGINT end the run like Ctrl-C: the items in flight are dropped, every recorded one is
+kept, and a line says how many are left before the engines are shut down (Ray kills a
+stopped job a few seconds after SIGTERM); the exit code is 128 + the signal number.
 """
 from __future__ import annotations
 
@@ -22,8 +33,11 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,6 +339,123 @@ class OutputLock:
             self._fd = None
 
 
+# -- where results go, and stopping -----------------------------------------------------------
+
+STORAGE_ENV = "TTC_VLLM_JOB_STORAGE"
+# What `ray job submit` gives the entrypoint (ray/dashboard/modules/job/job_supervisor.py):
+# {"runtime_env": ..., "metadata": {"job_submission_id": ...}}.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def ray_job_id(environ: dict[str, str] | None = None) -> str | None:
+    """The submission id when this process is a Ray job's entrypoint, else None."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(RAY_JOB_CONFIG_ENV)
+    if text is None:
+        return None
+    try:
+        return str(json.loads(text)["metadata"]["job_submission_id"])
+    except (ValueError, KeyError, TypeError):
+        return "(unknown id)"
+
+
+def results_dir(out: str | Path, environ: dict[str, str] | None = None,
+                cwd: Path | None = None) -> Path:
+    """The absolute directory the results of `--out out` go to (see module doc)."""
+    environ = os.environ if environ is None else environ
+    text = str(out)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", text):  # s3://b/x, gs://..., file:///...
+        raise JobError(f"--out {text}: results are written as local files; give a filesystem path "
+                       "(mount the bucket or volume on the node that runs the job)")
+    out = Path(out).expanduser()
+    if out.is_absolute():
+        return out
+    root = environ.get(STORAGE_ENV, "").strip()
+    if root:
+        if not Path(root).expanduser().is_absolute():
+            raise JobError(f"{STORAGE_ENV}={root!r}: must be an absolute path (relative --out "
+                           "paths are resolved against it)")
+        return Path(root).expanduser() / out
+    job = ray_job_id(environ)
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    if job is not None:
+        where = ("Ray's temporary copy of --working-dir, which Ray deletes once unused"
+                 if "runtime_resources" in cwd.parts else "a directory Ray chose")
+        raise JobError(
+            f"--out {text} is relative, and this runs as Ray job {job} whose working directory "
+            f"({cwd}) is {where}. Give an absolute path on the node that runs the job (a "
+            f"mounted volume, e.g. --out /mnt/results/{text}), or set {STORAGE_ENV} to a "
+            "directory that relative --out paths are resolved against (ray job submit "
+            f"--runtime-env-json '{{\"env_vars\": {{\"{STORAGE_ENV}\": \"/mnt/results\"}}}}')")
+    return cwd / out
+
+
+class StopSignals:
+    """SIGTERM and SIGINT while a job runs end it the way Ctrl-C does (KeyboardInterrupt),
+    remembering which signal came (`signum`).
+
+    `arm()` installs the handlers (again after `ray.init`, which puts its own SIGTERM handler
+    in place: sys.exit). Outside an event loop the handler raises at once; Ray's blocking
+    calls pass the interrupt through as KeyboardInterrupt. `guard(coro)` runs a coroutine
+    whose task a signal cancels through the loop (add_signal_handler wakes the loop even when
+    another thread took the signal), then raises KeyboardInterrupt once the coroutine has
+    unwound. Leaving the context restores the handlers found on entry. Off the main thread
+    (where Python allows no handlers) it does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._saved: dict[int, Any] = {}
+        self.active = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> "StopSignals":
+        if self.active:
+            self._saved = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+            self.arm()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
+
+    def arm(self) -> None:
+        if self.active:
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._raise)
+
+    def _raise(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    async def guard(self, coro):
+        if not self.active:
+            return await coro
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+
+        def cancel(signum: int) -> None:
+            self.signum = self.signum or signum
+            task.cancel()
+
+        for sig in self.SIGNALS:
+            loop.add_signal_handler(sig, cancel, sig)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if self.signum is not None:
+                raise KeyboardInterrupt(self.name) from None
+            raise
+        finally:
+            for sig in self.SIGNALS:
+                loop.remove_signal_handler(sig)  # resets to SIG_DFL: arm again
+            self.arm()
+
+
 # -- running ----------------------------------------------------------------------------------
 
 class ItemFailedError(RuntimeError):
@@ -620,9 +751,11 @@ class _Progress:
 def evaluate_main(args, argv: Sequence[str] | None = None) -> int:
     """Run `ttc-vllm job evaluate` (parsed arguments from ttc_vllm.cli). Raises JobError or
     replicas.ReplicaUnavailableError for bad arguments or an unusable cluster (the CLI makes
-    them one line and exit 2). Ctrl-C keeps every recorded item and returns 130."""
+    them one line and exit 2). A stop signal or Ctrl-C keeps every recorded item and returns
+    128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
     from ttc_vllm.jobs import replicas as rp
 
+    out = results_dir(args.out)
     plan, prm_config = plan_from_args(args)
     overrides = _engine_overrides(args)
     try:
@@ -630,30 +763,44 @@ def evaluate_main(args, argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         raise JobError(str(e)) from None
     rp.check_reachable(address)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise JobError(f"--out {args.out}: cannot create {out}: {e.strerror or e}") from None
+    print(f"results: {out} (rerun with the same --out to resume)", flush=True)
     started = time.time()
-    with OutputLock(out):
+    with OutputLock(out), StopSignals() as stop:
         store = ResultStore(out)
         store.check(plan)
         pending = store.pending(plan)
         total = len(plan.items())
         before = total - len(pending)
         print(f"{total} items ({len(plan.strategies)} strategies x {len(plan.ns)} n x "
-              f"{len(plan.problems)} problems): {before} already in {store.path.resolve()}, "
+              f"{len(plan.problems)} problems): {before} already in {store.path}, "
               f"{len(pending)} to run", flush=True)
         if store.repaired_bytes:
             print(f"dropped a torn last line ({store.repaired_bytes} bytes) of {store.path}")
         if pending:
+            said = []
+
+            def say_stopped() -> None:
+                if not said:
+                    said.append(True)
+                    left = len(store.pending(plan))
+                    print(f"stopped ({stop.name}): {total - left} of {total} items done, {left} left; "
+                          "rerun the same command to resume", file=sys.stderr, flush=True)
+
             try:
                 _run_on_ray(args, plan, prm_config, overrides, address, store, pending,
-                            _Progress(total, before))
-            except (KeyboardInterrupt, ItemFailedError) as e:
-                cause = "interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
-                print(f"{cause}\n{len(store.pending(plan))} of {total} items left; "
-                      f"{total - len(store.pending(plan))} recorded in {store.path}. Rerun the "
-                      "same command to resume.", file=sys.stderr, flush=True)
-                return 130 if isinstance(e, KeyboardInterrupt) else 1
+                            _Progress(total, before), stop, say_stopped)
+            except KeyboardInterrupt:
+                say_stopped()
+                return 128 + (stop.signum or signal.SIGINT)
+            except ItemFailedError as e:
+                left = len(store.pending(plan))
+                print(f"error: {e}\n{total - left} of {total} items done, {left} left; rerun the "
+                      "same command to resume", file=sys.stderr, flush=True)
+                return 1
         summary = write_summary(plan, store, {
             "command": "ttc-vllm " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
             "items": total, "recorded_before_this_run": before,
@@ -664,12 +811,15 @@ def evaluate_main(args, argv: Sequence[str] | None = None) -> int:
 
 
 def _run_on_ray(args, plan: Plan, prm_config, overrides, address: str, store: ResultStore,
-                pending: list[Item], progress: _Progress) -> None:
+                pending: list[Item], progress: _Progress, stop: StopSignals,
+                on_stop: Callable[[], None]) -> None:
+    import contextlib
     import functools
 
     from ttc_vllm.jobs import replicas as rp
 
     owns_ray = rp.connect(address, num_cpus=args.num_cpus)
+    stop.arm()  # ray.init replaced the SIGTERM handler
     replicas = pool = None
     try:
         replica_options = {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus}
@@ -678,32 +828,39 @@ def _run_on_ray(args, plan: Plan, prm_config, overrides, address: str, store: Re
         groups = [("policy replica(s)", args.policy_replicas, replica_options)]
         if needs_prm:
             groups.append(("PRM actor(s)", args.prm_actors, prm_options))
-        warning = rp.check_resources(groups, fixed_cluster=owns_ray)
-        if warning:
-            print(f"warning: {warning}", flush=True)
-        print(f"starting {args.policy_replicas} policy replica(s) {replica_options}", flush=True)
-        replicas = rp.start_replicas(
-            args.policy_replicas,
-            functools.partial(rp.vllm_policy, args.policy, overrides, parse_delimiter(args.step_delimiter)),
-            actor_options=replica_options, ready_timeout_s=args.ready_timeout)
-        scorer = None
-        if needs_prm:
-            from ttc_vllm.prm.pool import PRMPool
-            from ttc_vllm.prm.scorers import make_scorer
+        # Only a Ray this job started itself cannot grow; a joined cluster may autoscale, so
+        # there the actors wait (up to --ready-timeout) and the job says what is missing.
+        fixed = owns_ray and address == "local"
+        rp.check_resources(groups, fixed_cluster=fixed)
+        waiting = contextlib.nullcontext() if fixed else rp.ResourceWatch(groups, args.ready_timeout)
+        with waiting:
+            print(f"starting {args.policy_replicas} policy replica(s) {replica_options}", flush=True)
+            replicas = rp.start_replicas(
+                args.policy_replicas,
+                functools.partial(rp.vllm_policy, args.policy, overrides, parse_delimiter(args.step_delimiter)),
+                actor_options=replica_options, ready_timeout_s=args.ready_timeout)
+            scorer = None
+            if needs_prm:
+                from ttc_vllm.prm.pool import PRMPool
+                from ttc_vllm.prm.scorers import make_scorer
 
-            print(f"starting {args.prm_actors} PRM actor(s) {prm_options}", flush=True)
-            # every search in flight may wait on the PRM at once: never reject them as "full"
-            in_flight = args.policy_replicas * args.concurrency
-            pool = scorer = PRMPool(args.prm_actors, functools.partial(make_scorer, prm_config),
-                                    max_batch=64, max_queue=max(256, 2 * in_flight),
-                                    ready_timeout_s=args.ready_timeout, actor_options=prm_options)
-        asyncio.run(run_items(plan, pending, replicas.clients, scorer, store,
-                              concurrency=args.concurrency, on_record=progress))
+                print(f"starting {args.prm_actors} PRM actor(s) {prm_options}", flush=True)
+                # every search in flight may wait on the PRM at once: never reject them as "full"
+                in_flight = args.policy_replicas * args.concurrency
+                pool = scorer = PRMPool(args.prm_actors, functools.partial(make_scorer, prm_config),
+                                        max_batch=64, max_queue=max(256, 2 * in_flight),
+                                        ready_timeout_s=args.ready_timeout, actor_options=prm_options)
+        asyncio.run(stop.guard(run_items(plan, pending, replicas.clients, scorer, store,
+                                         concurrency=args.concurrency, on_record=progress)))
+    except KeyboardInterrupt:
+        on_stop()  # before the cleanup below: `ray job stop` SIGKILLs a few seconds after SIGTERM
+        raise
     finally:
         if pool is not None:
             pool.close()
         if replicas is not None:
-            replicas.close()
+            # after a stop, do not wait long for the engines: the job is about to be killed
+            replicas.close(timeout_s=2.0 if stop.signum else 30.0)
         if owns_ray:
             import ray
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -284,24 +286,91 @@ def connect(address: str, num_cpus: int | None = None, connect_timeout_s: float 
     return True
 
 
-def check_resources(groups: Sequence[tuple[str, int, dict[str, float]]],
-                    fixed_cluster: bool) -> str | None:
-    """A message when the cluster cannot host every group of actors -- (name, count, actor
-    options) -- right now. On a fixed cluster (the local one) that is an error; an
-    autoscaling cluster may still add nodes."""
-    ray = _import_ray()
-    total = ray.cluster_resources()
+Groups = Sequence[tuple[str, int, dict[str, float]]]  # (name, count, actor options)
+
+
+def resource_shortfall(groups: Groups, total: dict[str, float]) -> str | None:
+    """What the groups of actors need beyond the cluster's `total` resources, or None."""
     for resource, option in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
         need = sum(count * (options.get(option) or 0) for _, count, options in groups)
         have = total.get(resource, 0)
         if need > have:
             parts = " + ".join(f"{count} {name} x {options.get(option) or 0:g}"
                                for name, count, options in groups if options.get(option))
-            msg = f"{parts} need {need:g} {resource}, the cluster has {have:g}"
-            if fixed_cluster:
-                raise ReplicaUnavailableError(msg)
-            return msg + " (waiting for the autoscaler)"
+            return f"{parts} need {need:g} {resource}, the cluster has {have:g}"
     return None
+
+
+def check_resources(groups: Groups, fixed_cluster: bool) -> str | None:
+    """A message when the cluster cannot host every group of actors right now. On a fixed
+    cluster (a local one this process started) that is an error; a joined cluster may still
+    add nodes (`ResourceWatch` waits and reports)."""
+    msg = resource_shortfall(groups, _import_ray().cluster_resources())
+    if msg is not None and fixed_cluster:
+        raise ReplicaUnavailableError(msg)
+    return None if msg is None else msg + " (waiting for the autoscaler)"
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+class ResourceWatch:
+    """While actors are being placed on a cluster that may grow (autoscaling, or nodes that
+    join later), say what is missing: at once, then every `every_s` seconds until the
+    cluster's total resources cover the groups. The waiting itself is the actors' ready
+    timeout (`start_replicas`, `PRMPool`); this only reports. Pending actors are what makes
+    an autoscaler add nodes, so the actors are requested first and waited for, not the
+    other way round.
+
+    `resources` (default `ray.cluster_resources`) and `report` (default print) are
+    replaceable for tests."""
+
+    def __init__(self, groups: Groups, timeout_s: float, every_s: float = 30.0,
+                 report: Callable[[str], None] | None = None,
+                 resources: Callable[[], dict[str, float]] | None = None):
+        self.groups, self.timeout_s, self.every_s = list(groups), timeout_s, every_s
+        self.report = report or _say
+        self.resources = resources or (lambda: _import_ray().cluster_resources())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="ttc-resource-watch", daemon=True)
+        self._started = 0.0
+
+    def message(self, shortfall: str, waited_s: float) -> str:
+        return (f"waiting for resources: {shortfall} now; an autoscaler may add nodes "
+                f"(waited {waited_s:.0f} s; each actor group gives up after "
+                f"--ready-timeout {self.timeout_s:g} s)")
+
+    def _shortfall(self) -> tuple[bool, str | None]:
+        """(whether the cluster answered, what is missing)."""
+        try:
+            return True, resource_shortfall(self.groups, self.resources())
+        except Exception:  # a transient GCS error must not end the job: ask at the next tick
+            return False, None
+
+    def __enter__(self) -> "ResourceWatch":
+        self._started = time.monotonic()
+        answered, shortfall = self._shortfall()
+        if answered and shortfall is None:
+            return self
+        if shortfall:
+            self.report(self.message(shortfall, 0.0))
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every_s):
+            answered, shortfall = self._shortfall()
+            if answered and shortfall is None:
+                self.report("the cluster has the resources now")
+                return
+            if shortfall:
+                self.report(self.message(shortfall, time.monotonic() - self._started))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
 
 
 @dataclass
