@@ -6,4 +6,16 @@ the logits processors are registered through `vllm.logits_processors`.
 
 
 def register() -> None:
-    """vLLM general-plugin hook: nothing to patch today; importing is enough."""
+    """vLLM general-plugin hook, run in every process. In the API server of a plain
+    `vllm serve` (ttc-vllm installed, its endpoint plugin not allowlisted) it makes a `ttc`
+    body field a 400 that says how to enable it, instead of silently ignored."""
+    from ttc_vllm_plugins import vllm_compat
+
+    vllm_compat.after_endpoint_plugins(_refuse_unserved_ttc)
+
+
+def _refuse_unserved_ttc(app) -> None:
+    from ttc_vllm_plugins.controller import TTCNotEnabledMiddleware, controller_attached
+
+    if not controller_attached(app):
+        app.add_middleware(TTCNotEnabledMiddleware)

@@ -38,8 +38,8 @@ from typing import Any
 from ttc_vllm.limits import env_positive_int
 from ttc_vllm_plugins import vllm_compat
 from ttc_vllm_plugins.request_rewrite import (
-    DEFAULT_MAX_SEARCH_WORK, PASS, TTC_FIELD, RequestRejected, ServerLimits, carries_ttc,
-    error_body, might_carry_ttc, parse_body, plan_request,
+    DEFAULT_MAX_SEARCH_WORK, PASS, SEARCH_XARG, TTC_FIELD, XARGS_FIELD, RequestRejected,
+    ServerLimits, carries_ttc, error_body, might_carry_ttc, parse_body, plan_request,
 )
 from ttc_vllm_plugins.response_usage import SSEUsageInjector, add_to_json, usage_block
 from ttc_vllm_plugins.search_client import SEARCH_USAGE, SearchingEngineClient, SearchRunner
@@ -136,6 +136,18 @@ class SamplingController:
         return controller
 
 
+MIDDLEWARE_PATH = "ttc_vllm_plugins.controller.TTCControllerMiddleware"
+
+
+def controller_attached(app) -> bool:
+    """Whether the sampling controller serves this app: added by the endpoint plugin, or
+    named with --middleware (vLLM adds those after the endpoint plugins)."""
+    added = any(getattr(m, "cls", None) is TTCControllerMiddleware
+                for m in getattr(app, "user_middleware", ()))
+    args = getattr(getattr(app, "state", None), "args", None)
+    return added or MIDDLEWARE_PATH in (getattr(args, "middleware", None) or ())
+
+
 class TTCSamplingControllerPlugin:
     """The `vllm.endpoint_plugins` entry point object."""
 
@@ -179,15 +191,8 @@ class TTCControllerMiddleware:
                 or (path not in CONTROLLED_PATHS and path not in UNSUPPORTED_PATHS):
             await self.app(scope, receive, send)
             return
-        body, status = await _read_body(receive, scope, self.max_body_bytes)
-        if status == "disconnected":
-            return
-        if status == "too_large":
-            # The rest of the body is not read: the connection cannot be reused.
-            await _send_json(send, 413, _error(
-                "body", f"body: larger than this server's limit of {self.max_body_bytes} bytes "
-                        f"(set by {MAX_BODY_BYTES_ENV})", 413, "RequestEntityTooLarge"),
-                close=True)
+        body = await _read_bounded(receive, send, scope, self.max_body_bytes)
+        if body is None:
             return
         plan, controller = PASS, None
         if might_carry_ttc(body):
@@ -226,6 +231,64 @@ class TTCControllerMiddleware:
         finally:
             SEARCH_USAGE.reset(token)
             controller.searches.leave()
+
+
+ENABLE_HINT = ("start the server with `ttc-vllm serve`, or name ttc_sampling_controller in "
+               "VLLM_PLUGINS (vLLM loads endpoint plugins only when they are allowlisted)")
+
+
+class TTCNotEnabledMiddleware:
+    """What plain `vllm serve` runs when ttc-vllm is installed but its endpoint plugin is
+    not allowlisted (ttc_vllm_plugins.register installs it): a `ttc` body field -- or the
+    reserved `vllm_xargs.ttc_search` -- is refused with a 400 that says how to enable it,
+    instead of being ignored. Everything else passes untouched; `vllm_xargs.ttc` still
+    reaches the logits processor, which vLLM always loads and which validates it."""
+
+    def __init__(self, app):
+        self.app = app
+        self.max_body_bytes = env_positive_int(MAX_BODY_BYTES_ENV, DEFAULT_MAX_BODY_BYTES)
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = _route_path(scope)
+        if scope["type"] != "http" or scope.get("method") != "POST" \
+                or (path not in CONTROLLED_PATHS and path not in UNSUPPORTED_PATHS):
+            await self.app(scope, receive, send)
+            return
+        body = await _read_bounded(receive, send, scope, self.max_body_bytes)
+        if body is None:
+            return
+        if might_carry_ttc(body) and _asks_for_unserved_ttc(body):
+            await _send_json(send, 400, error_body(RequestRejected(
+                TTC_FIELD, f"{TTC_FIELD}: test-time-compute options are not enabled on this "
+                           f"server; {ENABLE_HINT}")))
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+
+def _asks_for_unserved_ttc(body: bytes) -> bool:
+    try:
+        parsed = parse_body(body)
+    except RequestRejected:
+        return False   # not JSON Python can read: vLLM answers it
+    if not isinstance(parsed, dict):
+        return False
+    xargs = parsed.get(XARGS_FIELD)
+    return parsed.get(TTC_FIELD) is not None or (isinstance(xargs, dict) and SEARCH_XARG in xargs)
+
+
+async def _read_bounded(receive, send, scope, max_bytes: int) -> bytes | None:
+    """The whole body, or None when the client left or the body was too large (answered
+    with a 413)."""
+    body, status = await _read_body(receive, scope, max_bytes)
+    if status == "disconnected":
+        return None
+    if status == "too_large":
+        # The rest of the body is not read: the connection cannot be reused.
+        await _send_json(send, 413, _error(
+            "body", f"body: larger than this server's limit of {max_bytes} bytes "
+                    f"(set by {MAX_BODY_BYTES_ENV})", 413, "RequestEntityTooLarge"), close=True)
+        return None
+    return body
 
 
 def _route_path(scope) -> str:

@@ -18,6 +18,7 @@ naming the feature and what was missing -- never the engine start:
 | `app.state.openai_serving_{chat,completion}.engine_client` | server-side search | search off: a 400 "search is not available on this server" |
 | `vllm.v1.core.sched.scheduler.Scheduler`, its `kv_cache_manager.block_pool` | the KV-accounting scheduler (opt-in) | an error when it is configured |
 | `vllm.entrypoints.launchers.*`, `vllm.entrypoints.serve.utils.api_utils`, `vllm.utils.argparse_utils` | `ttc-vllm serve` | an error naming the missing piece; `vllm serve` with the plugins still works |
+| `vllm.entrypoints.launchers.app.attach_endpoint_plugins` | a plain `vllm serve` refusing `ttc` (400) when the controller is not allowlisted | `ttc` ignored there, as before |
 """
 from __future__ import annotations
 
@@ -180,6 +181,35 @@ def wrap_handler_engine_clients(state, wrap) -> int:
         feature_off(SEARCH_FEATURE, f"app.state has no handler with an engine_client "
                                     f"({', '.join(HANDLER_ATTRS)})")
     return wrapped
+
+
+APP_MODULE = "vllm.entrypoints.launchers.app"
+
+
+def after_endpoint_plugins(hook) -> bool:
+    """Run `hook(app)` right after vLLM's API server attached its endpoint plugins (in the
+    app builder's namespace). Only in a process that has imported the builder already -- the
+    API server's -- so engine processes pay nothing. False when not applied."""
+    import sys
+
+    app_module = sys.modules.get(APP_MODULE)
+    attach = getattr(app_module, "attach_endpoint_plugins", None) if app_module else None
+    if attach is None:
+        if app_module is not None:
+            feature_off("refusing ttc on a server without the sampling controller",
+                        f"{APP_MODULE}.attach_endpoint_plugins is missing")
+        return False
+    if getattr(attach, "ttc_vllm_hook", False):
+        return True
+
+    def attach_then_hook(app, *args, **kwargs):
+        out = attach(app, *args, **kwargs)
+        hook(app)
+        return out
+
+    attach_then_hook.ttc_vllm_hook = True
+    app_module.attach_endpoint_plugins = attach_then_hook
+    return True
 
 
 def engine_tokenizer(engine_client):
