@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
+from collections import OrderedDict
 from typing import Any, Literal
 
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError,
@@ -17,7 +20,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationErro
 from ttc_vllm import budget
 from ttc_vllm.halting import Aggregate, Signal, check_threshold_range
 from ttc_vllm.limits import MAX_EXTENSIONS, StrictInt, TokenCount
-from ttc_vllm.search.options import SAMPLING_STRATEGIES, SearchOptions
+from ttc_vllm.search.options import MAX_N_ENV, SAMPLING_STRATEGIES, SearchOptions
 
 EXTRA_ARGS_KEY = "ttc"
 DEFAULT_CONCLUSION = "\nTime is up, concluding."
@@ -136,26 +139,36 @@ class TTCOptions(BaseModel):
         raw = extra_args.get(EXTRA_ARGS_KEY) if extra_args else None
         if raw is None:
             return None
-        if isinstance(raw, str):
+        text = raw if isinstance(raw, str) else None
+        if text is not None:
+            known = PARSED.get(text)
+            if known is not None:
+                return known
             try:
-                raw = json.loads(raw)
+                raw = json.loads(text)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{EXTRA_ARGS_KEY}: not valid JSON ({e.msg} at {e.pos})") from None
         if not isinstance(raw, dict):
             raise ValueError(
                 f"{EXTRA_ARGS_KEY}: expected an object (or its JSON string), got {type(raw).__name__}")
         try:
-            return cls.model_validate(raw)
+            options = cls.model_validate(raw)
         except ValidationError as e:
             raise ValueError(_describe(e)) from None
+        if text is not None:
+            PARSED.put(text, options)
+        return options
 
     def to_extra_args(self) -> dict[str, str]:
         """`{"ttc": "<json>"}`: valid both as `SamplingParams.extra_args` and as HTTP
-        `vllm_xargs` (flat string values only)."""
+        `vllm_xargs` (flat string values only). The text is remembered with these (validated)
+        options, so reading it back in this process does not validate again."""
         payload = self.model_dump(mode="json", exclude_defaults=True)
         if payload.get("budget_tokens") is not None:  # normalised into max_think
             payload.pop("budget_tokens")
-        return {EXTRA_ARGS_KEY: json.dumps(payload, separators=(",", ":"))}
+        text = json.dumps(payload, separators=(",", ":"))
+        PARSED.put(text, self)
+        return {EXTRA_ARGS_KEY: text}
 
     # ---- resolution ----------------------------------------------------------------------
 
@@ -200,6 +213,46 @@ class TTCOptions(BaseModel):
             return HaltingOptions.model_validate(merged)
         except ValidationError as e:
             raise ValueError(f"calibration entry {name!r}: " + _describe(e, prefix="halting")) from None
+
+
+class ParsedOptions:
+    """Validated options by their exact `extra_args["ttc"]` text, per process (LRU): every
+    engine request of a search carries the same text, and the API server reads back the
+    text its middleware wrote, so each distinct text is parsed and validated once. The
+    options returned are shared: callers treat them as read-only (`model_copy` to change)."""
+
+    def __init__(self, size: int = 1024):
+        self.size = size
+        self._items: OrderedDict[tuple[str, str | None], TTCOptions] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(text: str) -> tuple[str, str | None]:
+        # the ceiling on search.n is read at validation time: a new one validates anew
+        return text, os.environ.get(MAX_N_ENV)
+
+    def get(self, text: str) -> TTCOptions | None:
+        key = self._key(text)
+        with self._lock:
+            options = self._items.get(key)
+            if options is not None:
+                self._items.move_to_end(key)
+            return options
+
+    def put(self, text: str, options: TTCOptions) -> None:
+        key = self._key(text)
+        with self._lock:
+            self._items[key] = options
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+PARSED = ParsedOptions()
 
 
 def _describe(err: ValidationError, prefix: str = EXTRA_ARGS_KEY) -> str:
