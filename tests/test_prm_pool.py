@@ -1,7 +1,9 @@
 import asyncio
 import functools
+import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +12,7 @@ from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, promp
 from ttc_vllm.testbed import task
 
 ray = pytest.importorskip("ray")
-from ttc_vllm.prm.pool import PRMPool, PRMPoolFullError, PRMUnavailableError  # noqa: E402
+from ttc_vllm.prm.pool import PRMPool, PRMPoolFullError, PRMUnavailableError, init_ray  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
@@ -19,13 +21,39 @@ SMALL = {"num_cpus": 0.5}  # two actors plus a restart fit in num_cpus=2
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
+    init_ray(ray, "local", include_dashboard=False, num_cpus=2, log_to_driver=False)  # on loopback
     yield
     ray.shutdown()
 
 
 def _slow_prm(delay_s):
     return functools.partial(FakeArithmeticPRM, delay_s=delay_s)
+
+
+def _gated_prm(gate: Path):
+    """A FakeArithmeticPRM whose every batch, once started, waits until the file `gate/open`
+    exists, leaving `gate/started-<pid>-<k>` behind: the test can act while batches are in
+    flight, however slow the machine."""
+    class GatedPRM:  # local: pickled by value, so the Ray worker needs no test module
+        def __init__(self):
+            self.prm = FakeArithmeticPRM()
+            self.batches = 0
+
+        async def score(self, traces):
+            self.batches += 1
+            (gate / f"started-{os.getpid()}-{self.batches}").touch()
+            while not (gate / "open").exists():
+                await asyncio.sleep(0.01)
+            return [self.prm.score_trace(t) for t in traces]
+
+    return GatedPRM
+
+
+async def _until_every_actor_holds_a_batch(gate: Path, actors: int, timeout_s: float = 120):
+    deadline = time.monotonic() + timeout_s
+    while len({p.name.split("-")[1] for p in gate.glob("started-*")}) < actors:
+        assert time.monotonic() < deadline, f"not every actor started a batch: {list(gate.iterdir())}"
+        await asyncio.sleep(0.01)
 
 
 def _traces(count):
@@ -78,16 +106,19 @@ def test_a_call_larger_than_max_batch_goes_alone(local_ray):
         assert pool.stats.largest_batch == 6
 
 
-def test_a_killed_actor_is_restarted_and_its_batch_retried(local_ray):
+def test_a_killed_actor_is_restarted_and_its_batch_retried(local_ray, tmp_path):
     traces = _traces(8)
 
     async def run(pool):
         pending = asyncio.gather(*(pool.score([t]) for t in traces))
-        await asyncio.sleep(0.3)  # both actors are busy with a batch now
+        # Both actors hold a batch that cannot finish before the gate opens: actor 0 dies
+        # with its batch in flight, whatever the machine's speed.
+        await _until_every_actor_holds_a_batch(tmp_path, 2)
         ray.kill(pool.actors[0], no_restart=False)
+        (tmp_path / "open").touch()
         return await pending
 
-    with PRMPool(2, _slow_prm(0.6), max_batch=2, max_restarts=2, max_task_retries=2,
+    with PRMPool(2, _gated_prm(tmp_path), max_batch=2, max_restarts=2, max_task_retries=2,
                  max_inflight_per_actor=1, actor_options=SMALL) as pool:
         pid_before = ray.get(pool.actors[0].ready.remote())
         results = asyncio.run(run(pool))
@@ -99,19 +130,22 @@ def test_a_killed_actor_is_restarted_and_its_batch_retried(local_ray):
         assert asyncio.run(pool.score(traces[:1])) == _expected(traces[:1])
 
 
-def test_a_batch_moves_to_another_actor_when_its_actor_is_gone_for_good(local_ray):
+def test_a_batch_moves_to_another_actor_when_its_actor_is_gone_for_good(local_ray, tmp_path):
     traces = _traces(8)
 
     async def run(pool):
         pending = asyncio.gather(*(pool.score([t]) for t in traces))
-        await asyncio.sleep(0.3)
+        await _until_every_actor_holds_a_batch(tmp_path, 2)  # as above: actor 0 dies mid-batch
         ray.kill(pool.actors[0], no_restart=False)  # max_restarts=0: it stays dead
+        (tmp_path / "open").touch()
         return await pending
 
-    with PRMPool(2, _slow_prm(0.6), max_batch=2, max_restarts=0, max_task_retries=1,
+    with PRMPool(2, _gated_prm(tmp_path), max_batch=2, max_restarts=0, max_task_retries=1,
                  max_inflight_per_actor=1, actor_options=SMALL) as pool:
         results = asyncio.run(run(pool))
         assert [r[0] for r in results] == _expected(traces)
+        # exactly the one batch actor 0 held was retried (on actor 1); actor 0 got no other,
+        # since it held its one slot until it died and is never chosen after failing
         assert (pool.stats.retries, pool.stats.actors_lost, pool.live_actors) == (1, 1, 1)
 
 
