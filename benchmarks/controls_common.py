@@ -100,18 +100,9 @@ def all_think_len(token_ids: Sequence[int], ids: Ids) -> int:
 
 def answer_known_at(token_ids: Sequence[int], ids: Ids, decode, answer: int) -> int | None:
     """Thinking tokens after which a step line first states `answer` (None: never)."""
-    from ttc_vllm.testbed.task import _STEP_RE
+    from ttc_vllm.testbed.task import answer_known_at as known_at
 
-    start = 0
-    for i, t in enumerate(token_ids):
-        if t == ids.think_end:
-            return None
-        if t == ids.step_tag:
-            m = _STEP_RE.match(decode(token_ids[start:i]).strip("\n"))
-            if m and int(m.group(4)) == answer:
-                return i + 1
-            start = i + 1
-    return None
+    return known_at(token_ids, ids.think_end, ids.step_tag, decode, answer)
 
 
 def thinking_signal(logprobs, n_think: int, signal: str, top_k: int = 20,

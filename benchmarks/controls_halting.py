@@ -10,7 +10,7 @@ Greedy decoding. Three phases on one engine:
    min_tokens and a grid of tau (quantiles of the signal's values), each trace halts at the first
    thinking token where f_t crosses tau (`halting.aggregate_series` semantics). Accuracy is
    estimated with the calibration proxy (a halted trace is right iff the full trace was right and
-   a step line had already stated the answer; `calibrate._answer_known_at` logic). Per setting the
+   a step line had already stated the answer; `ttc_vllm.testbed.task.answer_known_at`). Per setting the
    tau saving most thinking within `--select-loss` points (and the one at no proxy loss) is kept;
    the `--verify` best settings (distinct halting behaviour) are then run for real (halting inside
    the engine) on the calibration slice with each `--conclusions` text, and the one saving the

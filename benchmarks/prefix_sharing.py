@@ -75,6 +75,7 @@ def main() -> None:
     from ttc_vllm.prm.scorers import PRMConfig, make_scorer
     from ttc_vllm.search import SearchOptions, run_search
     from ttc_vllm.testbed import policy_path, task
+    from ttc_vllm.testbed.task import STEP_TAG
     from ttc_vllm_plugins.kv_accounting import PEAK_FILE_ENV, SCHEDULER_CLS, read_peak
 
     t0 = time.time()
@@ -86,7 +87,7 @@ def main() -> None:
         extra = {"block_size": a.block_size} if a.block_size else {}
         llm = make_llm(str(policy_path()), enable_prefix_caching=caching, scheduler_cls=SCHEDULER_CLS,
                        kv_cache_memory_bytes=256 << 20, max_num_seqs=256, **extra)
-        arms[name] = {"llm": llm, "gen": OfflineStepGenerator(llm), "peak_file": peak_file}
+        arms[name] = {"llm": llm, "gen": OfflineStepGenerator(llm, STEP_TAG), "peak_file": peak_file}
     os.environ.pop(PEAK_FILE_ENV, None)
     scorer = make_scorer(PRMConfig.testbed(engine_kwargs={"kv_cache_memory_bytes": 256 << 20}))
     tokenizer = arms["on"]["llm"].get_tokenizer()

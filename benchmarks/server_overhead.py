@@ -99,7 +99,7 @@ def search_latency_offline(llm, problems, strategy: dict, max_tokens: int) -> li
     out = []
     for i, problem in enumerate(problems):
         ids = tokenizer.encode(task.prompt(problem), add_special_tokens=False)
-        generator = OfflineStepGenerator(llm, seed=100 + i)
+        generator = OfflineStepGenerator(llm, task.STEP_TAG, seed=100 + i)
         start = time.perf_counter()
         result = asyncio.run(run_search(ids, generator, FakeArithmeticPRM(), options,
                                         answer_extractor(thinking_open=True)))

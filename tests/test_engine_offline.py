@@ -13,6 +13,7 @@ from ttc_vllm.engine_offline import (
 from ttc_vllm.search.fakes import load_testbed_tokenizer
 from ttc_vllm.search.protocols import StepGenerator, StepParams, Trace
 from ttc_vllm.testbed import task
+from ttc_vllm.testbed.task import STEP_TAG
 
 TOK = load_testbed_tokenizer()
 STEP_ID = TOK.convert_tokens_to_ids(task.STEP_TAG)
@@ -120,7 +121,7 @@ def test_request_seed_depends_on_seed_and_prefix_only():
 
 def test_generate_steps_one_call_n_samples_usage_on_first_sample():
     llm = FakeLLM(scripted_trace, cached=16)
-    gen = OfflineStepGenerator(llm)
+    gen = OfflineStepGenerator(llm, STEP_TAG)
     assert isinstance(gen, StepGenerator)
     first_prefix = PROMPT + enc("\n1+2=3<step>")
     out = run(gen.generate_steps([PROMPT, first_prefix], 3, StepParams(max_tokens=64)))
@@ -139,7 +140,7 @@ def test_generate_steps_one_call_n_samples_usage_on_first_sample():
 
 
 def test_generate_steps_eos_finishes_and_length_does_not():
-    gen = OfflineStepGenerator(FakeLLM(scripted_trace))
+    gen = OfflineStepGenerator(FakeLLM(scripted_trace), STEP_TAG)
     last_prefix = PROMPT + enc("\n1+2=3<step>\n3+4=7<step>")
     [[final]] = run(gen.generate_steps([last_prefix], 1, StepParams()))
     assert final.finished and final.token_ids[-1] == EOS and final.text == "\n</think>\nAnswer: 7"
@@ -161,7 +162,7 @@ def test_text_delimiter_stops_on_the_string():
 
 def test_complete_splits_like_generate_steps_and_only_last_is_finished():
     llm = FakeLLM(scripted_trace, cached=0)
-    gen = OfflineStepGenerator(llm)
+    gen = OfflineStepGenerator(llm, STEP_TAG)
     [[c1, c2]] = run(gen.complete([PROMPT], 2, StepParams(max_tokens=256)))
     sp = llm.calls[0][1][0]
     assert not sp.stop_token_ids and not sp.stop  # runs to EOS
@@ -178,14 +179,14 @@ def test_complete_splits_like_generate_steps_and_only_last_is_finished():
 
 
 def test_complete_cut_by_length_is_unfinished():
-    gen = OfflineStepGenerator(FakeLLM(scripted_trace))
+    gen = OfflineStepGenerator(FakeLLM(scripted_trace), STEP_TAG)
     [[c]] = run(gen.complete([PROMPT], 1, StepParams(max_tokens=15)))
     assert not c[-1].finished and sum(len(s.token_ids) for s in c) == 15
 
 
 def test_confidence_requests_top_k_logprobs_and_averages_per_step():
     llm = FakeLLM(scripted_trace)
-    gen = OfflineStepGenerator(llm, confidence_top_k=4)
+    gen = OfflineStepGenerator(llm, STEP_TAG, confidence_top_k=4)
     [[c]] = run(gen.complete([PROMPT], 1, StepParams(confidence=True)))
     assert llm.calls[0][1][0].logprobs == 4
     # every token: top-4 logprobs -0.1..-0.4 -> confidence 0.25 (the -5 sampled one excluded)
@@ -194,18 +195,18 @@ def test_confidence_requests_top_k_logprobs_and_averages_per_step():
 
 def test_seeded_generator_sets_per_prefix_seeds():
     llm = FakeLLM(scripted_trace)
-    run(OfflineStepGenerator(llm, seed=3).generate_steps([PROMPT], 2, StepParams()))
+    run(OfflineStepGenerator(llm, STEP_TAG, seed=3).generate_steps([PROMPT], 2, StepParams()))
     assert llm.calls[0][1][0].seed == request_seed(3, PROMPT)
 
 
 def test_bad_n_is_rejected():
     with pytest.raises(ValueError, match="n must be"):
-        run(OfflineStepGenerator(FakeLLM(scripted_trace)).generate_steps([PROMPT], 0, StepParams()))
+        run(OfflineStepGenerator(FakeLLM(scripted_trace), STEP_TAG).generate_steps([PROMPT], 0, StepParams()))
 
 
 @pytest.mark.engine
 def test_real_engine_steps_hit_the_prefix_cache(llm):
-    gen = OfflineStepGenerator(llm)
+    gen = OfflineStepGenerator(llm, STEP_TAG)
     # A prompt longer than one KV block: only full blocks are cached.
     block = llm.llm_engine.vllm_config.cache_config.block_size
     prompt = TOK.encode(task.prompt(task.Problem((812, 407, 695, 333, 904, 518, 276, 649))),
@@ -247,7 +248,7 @@ def test_real_engine_search_with_a_thinking_budget_caps_every_trace(llm, strateg
     prompt = TOK.encode(task.prompt(problem), add_special_tokens=False)
     opts = SearchOptions(strategy=strategy, n=4, beam_width=2, max_steps=16, max_step_tokens=64)
     for sent in (controls, None):
-        result = run(run_search(prompt, OfflineStepGenerator(llm), FakeArithmeticPRM(), opts,
+        result = run(run_search(prompt, OfflineStepGenerator(llm, STEP_TAG), FakeArithmeticPRM(), opts,
                                 task.extract_answer, controls=sent))
         finished = [c for c in result.candidates if c.finished]
         assert finished

@@ -11,6 +11,7 @@ from ttc_vllm.prm.label import (
 from ttc_vllm.search.fakes import FakeArithmeticPolicy, RecordingGenerator, load_testbed_tokenizer
 from ttc_vllm.search.protocols import StepParams
 from ttc_vllm.testbed import task
+from ttc_vllm.testbed.task import STEP_TAG
 
 P = task.Problem((5, 7, 9))
 TASK = lbl.TestbedLabelTask(load_testbed_tokenizer())
@@ -152,7 +153,7 @@ def test_training_problems_and_tiers():
 def test_labels_from_the_real_policy(llm):
     from ttc_vllm.engine_offline import OfflineStepGenerator
 
-    gen = OfflineStepGenerator(llm)
+    gen = OfflineStepGenerator(llm, STEP_TAG)
     problems = training_problems({"medium": 2}, seed=0)
     stats = {}
     rows = asyncio.run(mc_label(gen, lbl.TestbedLabelTask(llm.get_tokenizer()), problems, 2, 3,

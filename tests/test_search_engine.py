@@ -11,6 +11,7 @@ import pytest
 
 from ttc_vllm.search import STRATEGIES, SearchOptions, StepParams, Trace, run_search
 from ttc_vllm.testbed import prm_path, task
+from ttc_vllm.testbed.task import STEP_TAG
 
 ray = pytest.importorskip("ray")
 
@@ -40,7 +41,7 @@ def generator(llm):
     from ttc_vllm.engine_offline import OfflineStepGenerator
     from ttc_vllm.jobs.replicas import CoalescingGenerator
 
-    gen = OfflineStepGenerator(llm)
+    gen = OfflineStepGenerator(llm, STEP_TAG)
     yield CoalescingGenerator(gen)  # concurrent searches share engine calls, as in jobs
     gen.close()
 

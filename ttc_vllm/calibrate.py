@@ -139,23 +139,6 @@ def per_token_signal(position_logprobs: Sequence[dict], signal: str, top_k: int,
     return out
 
 
-def _answer_known_at(token_ids: Sequence[int], think_end: int, step_tag: int, decode,
-                     answer: int) -> int | None:
-    """Thinking tokens after which the testbed answer has been stated in a step line."""
-    from ttc_vllm.testbed.task import _STEP_RE
-
-    start = 0
-    for i, t in enumerate(token_ids):
-        if t == think_end:
-            return None
-        if t == step_tag:
-            m = _STEP_RE.match(decode(token_ids[start:i]).strip("\n"))
-            if m and int(m.group(4)) == answer:
-                return i + 1
-            start = i + 1
-    return None
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ttc-vllm calibrate",
                                  description="Pick a halting threshold from warm-up traces")
@@ -191,7 +174,7 @@ def calibrate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     from ttc_vllm.engine import make_llm
     from ttc_vllm.testbed.metrics import MarkerIds
-    from ttc_vllm.testbed.task import extract_answer, generate, prompt
+    from ttc_vllm.testbed.task import answer_known_at, extract_answer, generate, prompt
 
     full_vocab = args.signal == "entropy"
     llm = make_llm(args.model, max_logprobs=-1 if full_vocab else H.MAX_TOP_K)
@@ -219,7 +202,7 @@ def calibrate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 # trace where its score is reached (the latest a threshold would stop it).
                 f = H.aggregate_series(r, args.signal, args.aggregate, args.window)
                 eligible = [(x, i) for i, x in enumerate(f) if i + 1 >= args.min_tokens and not math.isnan(x)]
-                known = _answer_known_at(token_ids, ids.think_end, ids.step_tag, decode, problem.answer)
+                known = answer_known_at(token_ids, ids.think_end, ids.step_tag, decode, problem.answer)
                 if eligible:
                     _, at = max(eligible)
                     ok = ok and known is not None and known <= at + 1

@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ttc_vllm.options import EXTRA_ARGS_KEY
 from ttc_vllm.search.protocols import Completion, Step, StepParams
-from ttc_vllm.testbed.task import STEP_TAG
 
 DEFAULT_CONFIDENCE_TOP_K = 20  # DeepConf's k; vLLM's default max_logprobs is 20 as well
 
@@ -173,7 +172,7 @@ class OfflineStepGenerator:
     for big calls and rely on the engine-wide `LLM(seed=...)`.
     """
 
-    def __init__(self, llm, step_delimiter: str = STEP_TAG,
+    def __init__(self, llm, step_delimiter: str,
                  confidence_top_k: int = DEFAULT_CONFIDENCE_TOP_K, seed: int | None = None):
         if confidence_top_k < 1:
             raise ValueError(f"confidence_top_k must be >= 1, got {confidence_top_k}")

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -136,7 +135,6 @@ async def mc_label(generator: StepGenerator, task: LabelTask, problems: Sequence
 
 # -- the testbed task ------------------------------------------------------------------------
 
-_STEP_RE = re.compile(r"^(check )?(-?\d+)\+(-?\d+)=(-?\d+)$")
 
 
 def testbed_prefix_correct(problem: tb.Problem, step_texts: Sequence[str]) -> bool:
@@ -158,7 +156,7 @@ def testbed_prefix_correct(problem: tb.Problem, step_texts: Sequence[str]) -> bo
                 return False
             continue
         line = text.replace(tb.STEP_TAG, "").strip("\n")
-        m = _STEP_RE.match(line)
+        m = tb.STEP_LINE.match(line)
         if not m:
             return False
         check, a, b, c = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))

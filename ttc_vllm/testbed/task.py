@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 THINK_START = "<think>"
@@ -133,7 +134,8 @@ def solve(problem: Problem, rng: random.Random, overthink_prob: float = 0.6,
 
 
 _ANSWER_RE = re.compile(re.escape(ANSWER_PREFIX) + r"(-?\d+)")
-_STEP_RE = re.compile(r"^(check )?(-?\d+)\+(-?\d+)=(-?\d+)$")
+# One step line of a testbed trace: "[check ]a+b=c" (groups: check, a, b, c).
+STEP_LINE = re.compile(r"^(check )?(-?\d+)\+(-?\d+)=(-?\d+)$")
 
 
 def extract_answer(text: str) -> int | None:
@@ -164,7 +166,7 @@ def first_answer_offset(problem: Problem, completion: str) -> int | None:
     pos = 0
     for chunk in think.split(STEP_TAG)[:-1]:
         pos += len(chunk) + len(STEP_TAG)
-        m = _STEP_RE.match(chunk.strip("\n"))
+        m = STEP_LINE.match(chunk.strip("\n"))
         if m and int(m.group(4)) == problem.answer:
             return pos
     return None
@@ -187,7 +189,7 @@ def audit(problem: Problem, completion: str) -> Audit:
     bookkeeping (a term added twice, so another never; a term the question lacks)."""
     steps = []
     for line in step_lines(completion):
-        m = _STEP_RE.match(line)
+        m = STEP_LINE.match(line)
         if not m:
             return Audit(False, False, False, False)
         if not m.group(1):
@@ -204,3 +206,19 @@ def audit(problem: Problem, completion: str) -> Audit:
         reused=sum(v for k, v in extra.items() if k in problem.terms),
         foreign=sum(v for k, v in extra.items() if k not in problem.terms),
     )
+
+
+def answer_known_at(token_ids: Sequence[int], think_end: int, step_tag: int, decode,
+                    answer: int) -> int | None:
+    """Thinking tokens after which a step line first states `answer` (None: never, or not
+    before `</think>`): where a halting rule could have stopped a testbed trace for free."""
+    start = 0
+    for i, t in enumerate(token_ids):
+        if t == think_end:
+            return None
+        if t == step_tag:
+            m = STEP_LINE.match(decode(token_ids[start:i]).strip("\n"))
+            if m and int(m.group(4)) == answer:
+                return i + 1
+            start = i + 1
+    return None
