@@ -124,8 +124,3 @@ class TTCLogitsProcessor(*vllm_compat.logits_processor_bases()):
         except Exception as e:  # noqa: BLE001
             self._turn_off(e)
             return logits
-
-
-def finished_records():
-    """Drain the outcomes of requests finished in this process (for metrics)."""
-    return common.FINISHED.drain()

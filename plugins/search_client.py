@@ -175,10 +175,6 @@ class SearchingEngineClient:
         self._inner = inner
         self._runner = runner
 
-    @property
-    def ttc_inner(self):
-        return self._inner
-
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
 

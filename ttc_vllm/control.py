@@ -213,10 +213,6 @@ class ThinkingController:
 
     # ---- admission / removal (host, once per request) ---------------------------------
 
-    @property
-    def num_active(self) -> int:
-        return len(self._active)
-
     def is_active(self, slot: int) -> bool:
         return slot in self._active
 

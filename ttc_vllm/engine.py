@@ -7,7 +7,6 @@ live in one place. vLLM is imported lazily: importing this module stays cheap.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 # CPU-friendly defaults; every one can be overridden by the caller (GPU users usually do).
@@ -62,29 +61,3 @@ def make_llm(model: str, **overrides: Any):
     kwargs = engine_kwargs(model, **overrides)
     kwargs.setdefault("logits_processors", [LOGITS_PROCESSOR])
     return LLM(**kwargs)
-
-
-@dataclass
-class Completion:
-    """One sampled completion of a prompt, with what it cost."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    cached_prompt_tokens: int = 0
-
-
-def sampling_params(**kwargs: Any):
-    from vllm import SamplingParams
-
-    return SamplingParams(**kwargs)
-
-
-def generate(llm, prompts: list[str], params, use_tqdm: bool = False) -> list[list[Completion]]:
-    """Completions for each prompt (n per prompt as set in `params`)."""
-    outs = llm.generate(prompts, params, use_tqdm=use_tqdm)
-    result = []
-    for out in outs:
-        cached = out.num_cached_tokens or 0
-        result.append([Completion(o.text, list(o.token_ids), o.finish_reason, cached) for o in out.outputs])
-    return result

@@ -2,7 +2,6 @@
 markers. It round-trips any string exactly (whitespace and newlines included)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from ttc_vllm.testbed.task import BOS, EOS, PAD, STEP_TAG, THINK_END, THINK_START
 
@@ -40,10 +39,4 @@ def build_tokenizer():
         clean_up_tokenization_spaces=False, model_max_length=1024,
     )
     tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def save_tokenizer(path: str | Path):
-    tok = build_tokenizer()
-    tok.save_pretrained(str(path))
     return tok
