@@ -107,11 +107,11 @@ def answer_known_at(token_ids: Sequence[int], ids: Ids, decode, answer: int) -> 
 
 def thinking_signal(logprobs, n_think: int, signal: str, top_k: int = 20,
                     token_ids: Sequence[int] | None = None) -> list[float]:
-    """Per-token signal r_t of the first `n_think` positions (ttc_vllm.calibrate's maths;
+    """Per-token signal r_t of the first `n_think` positions (`halting.replay_signal`;
     sampled_margin needs the sampled token ids)."""
-    from ttc_vllm.calibrate import per_token_signal
+    from ttc_vllm.halting import replay_signal
 
-    return per_token_signal(logprobs[:n_think], signal, top_k, token_ids)
+    return replay_signal(logprobs[:n_think], signal, top_k, token_ids)
 
 
 def pct(x: float) -> str:

@@ -5,7 +5,7 @@
 
 Greedy decoding. Three phases on one engine:
 1. Calibration slice (ttc_vllm.calibrate.CALIBRATION_SEED, disjoint from the evaluation seed):
-   plain greedy traces with top-20 log-probs; per-token signals via `calibrate.per_token_signal`.
+   plain greedy traces with top-20 log-probs; per-token signals via `halting.replay_signal`.
 2. Sweep (offline, the engine's maths): for every signal x aggregate x window x direction x
    min_tokens and a grid of tau (quantiles of the signal's values), each trace halts at the first
    thinking token where f_t crosses tau (`halting.aggregate_series` semantics). Accuracy is

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from ttc_vllm import calibrate as cal
+from ttc_vllm import halting as H
 from ttc_vllm.options import TTCOptions
 
 
@@ -55,20 +56,20 @@ def test_save_load_roundtrip_and_errors(tmp_path, monkeypatch):
         cal.load_calibration(path)
 
 
-def test_per_token_signal_from_vllm_logprobs():
+def test_replay_signal_from_vllm_logprobs():
     lp = lambda v, r: SimpleNamespace(logprob=v, rank=r)  # noqa: E731
     # sampled token (rank 3) returned beside the top-2
     pos = {5: lp(math.log(0.5), 1), 6: lp(math.log(0.25), 2), 7: lp(math.log(0.125), 3)}
-    assert cal.per_token_signal([pos], "token_confidence", 2) == pytest.approx([(math.log(2) + math.log(4)) / 2])
+    assert H.replay_signal([pos], "token_confidence", 2) == pytest.approx([(math.log(2) + math.log(4)) / 2])
     full = {i: lp(math.log(0.25), i + 1) for i in range(4)}
-    assert cal.per_token_signal([full], "entropy", 20) == pytest.approx([-math.log(4)])
+    assert H.replay_signal([full], "entropy", 20) == pytest.approx([-math.log(4)])
     # sampled_margin: the sampled token's log-prob minus the top one, clipped at the 20th
     top20 = {i: lp(-1.0 - 0.1 * i, i + 1) for i in range(20)}
     beyond = {**top20, 99: lp(-9.0, 57)}
-    got = cal.per_token_signal([pos, top20, beyond], "sampled_margin", 20, token_ids=[7, 3, 99])
+    got = H.replay_signal([pos, top20, beyond], "sampled_margin", 20, token_ids=[7, 3, 99])
     assert got == pytest.approx([math.log(0.125) - math.log(0.5), -0.3, -1.9])
     with pytest.raises(ValueError, match="token ids"):
-        cal.per_token_signal([pos], "sampled_margin", 20)
+        H.replay_signal([pos], "sampled_margin", 20)
 
 
 def test_parser_requires_one_picking_rule():

@@ -152,7 +152,7 @@ def test_sampled_margin_stops_after_the_first_unlikely_token(llm, ids):
     """stop when a sampled token's log-prob is more than 1 below the top token's: the EOS
     comes right after the first thinking token whose margin (from vLLM's own returned
     log-probs) is under -1, and never in a trace without one."""
-    from ttc_vllm.calibrate import per_token_signal
+    from ttc_vllm.halting import replay_signal
 
     tau = -1.0
     params = sampling({"halting": {"signal": "sampled_margin", "aggregate": "min", "threshold": tau,
@@ -167,7 +167,7 @@ def test_sampled_margin_stops_after_the_first_unlikely_token(llm, ids):
         conc = ids["conclusion"]
         if think[-len(conc):] == conc:   # forced at the cap: unlikely tokens, but not sampled
             think = think[:-len(conc)]
-        margins = per_token_signal(o.logprobs[:len(think)], "sampled_margin", 20, tids)
+        margins = replay_signal(o.logprobs[:len(think)], "sampled_margin", 20, tids)
         if any(abs(m - tau) < 1e-2 for m in margins):
             continue  # too close to call across float rounding
         first = next((t for t, m in enumerate(margins) if m < tau), None)

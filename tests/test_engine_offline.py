@@ -8,8 +8,8 @@ import pytest
 
 from ttc_vllm.engine_offline import (
     Delimiter, OfflineStepGenerator, request_seed, resolve_delimiter, split_steps,
-    token_confidences,
 )
+from ttc_vllm.halting import replay_signal
 from ttc_vllm.search.fakes import load_testbed_tokenizer
 from ttc_vllm.search.protocols import StepGenerator, StepParams, Trace
 from ttc_vllm.testbed import task
@@ -107,9 +107,9 @@ def test_split_steps_by_text_cuts_at_the_token_completing_the_string():
 
 def test_token_confidence_is_minus_mean_of_top_k():
     entry = {7: -0.5, 8: -1.5, 9: -4.0}  # sampled token 9 outside the top 2
-    assert token_confidences([entry], top_k=2) == [pytest.approx(1.0)]
-    assert token_confidences([entry], top_k=3) == [pytest.approx(2.0)]
-    assert token_confidences(None, top_k=2) == []
+    assert replay_signal([entry], "token_confidence", top_k=2) == [pytest.approx(1.0)]
+    assert replay_signal([entry], "token_confidence", top_k=3) == [pytest.approx(2.0)]
+    assert replay_signal(None, "token_confidence", top_k=2) == []
 
 
 def test_request_seed_depends_on_seed_and_prefix_only():

@@ -111,32 +111,6 @@ def calibrate_entry(traces: Sequence[Sequence[float]], *, signal: str, aggregate
     return entry
 
 
-def per_token_signal(position_logprobs: Sequence[dict], signal: str, top_k: int,
-                     token_ids: Sequence[int] | None = None) -> list[float]:
-    """r_t of each generated position from vLLM's returned log-probs ({token: Logprob}).
-
-    token/group confidence: -mean of the top-k log-probs by rank; entropy: sum p log p over
-    the returned tokens (exact when the whole vocabulary was requested); sampled_margin
-    (needs the sampled `token_ids`; vLLM always returns the sampled token's log-prob):
-    its log-prob, clipped below at the 20th largest as in the engine, minus the top one."""
-    if signal == "sampled_margin" and token_ids is None:
-        raise ValueError("sampled_margin needs the sampled token ids")
-    out = []
-    for t, pos in enumerate(position_logprobs):
-        values = sorted(((lp.rank, lp.logprob) for lp in pos.values()), key=lambda x: x[0])
-        if signal == "sampled_margin":
-            ranked = [v for rank, v in values if rank is not None and rank <= H.MAX_TOP_K]
-            floor = ranked[-1] if len(ranked) >= H.MAX_TOP_K else -math.inf
-            out.append(max(pos[token_ids[t]].logprob, floor) - ranked[0])
-        elif signal == "entropy":
-            seen = {tok: lp.logprob for tok, lp in pos.items()}
-            out.append(sum(math.exp(v) * v for v in seen.values() if v > -math.inf))
-        else:
-            top = [v for rank, v in values if rank is not None and rank <= top_k and v > -math.inf]
-            out.append(-sum(top) / max(len(top), 1))
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ttc-vllm calibrate",
                                  description="Pick a halting threshold from warm-up traces")
@@ -192,7 +166,7 @@ def calibrate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for o in out.outputs:
             token_ids = list(o.token_ids)
             n_think = next((i for i, t in enumerate(token_ids) if t == ids.think_end), len(token_ids))
-            r = per_token_signal(o.logprobs[:n_think], args.signal, args.top_k, token_ids)
+            r = H.replay_signal(o.logprobs[:n_think], args.signal, args.top_k, token_ids)
             traces.append(r)
             ok = extract_answer(o.text) == problem.answer
             if args.direction == "above":

@@ -24,8 +24,9 @@ import asyncio
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
+from ttc_vllm.halting import replay_signal
 from ttc_vllm.options import EXTRA_ARGS_KEY
 from ttc_vllm.search.protocols import Completion, Step, StepParams
 
@@ -102,23 +103,6 @@ def split_steps(token_ids: Sequence[int], delimiter: Delimiter,
     return steps
 
 
-def token_confidences(logprobs: Iterable[dict[int, Any]] | None, top_k: int) -> list[float]:
-    """DeepConf token confidence per generated token: -mean of its top-k log-probs.
-    `logprobs` is vLLM's per-token list of {token_id: Logprob}; vLLM adds the sampled token
-    when it is outside the top k, so the k largest values are taken."""
-    if logprobs is None:
-        return []
-    out = []
-    for entry in logprobs:
-        values = sorted((_logprob_value(v) for v in entry.values()), reverse=True)[:top_k]
-        out.append(-sum(values) / len(values) if values else 0.0)
-    return out
-
-
-def _logprob_value(v: Any) -> float:
-    return float(v.logprob if hasattr(v, "logprob") else v)
-
-
 def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
@@ -133,7 +117,7 @@ def output_step(o, decode: Callable[[Sequence[int]], str], ended: bool, usage: t
     """One vLLM CompletionOutput as one step (`generate_steps`); its mean token confidence
     when `confidence_top_k` is set (the request asked for log-probs)."""
     ids = list(o.token_ids)
-    conf = _mean(token_confidences(o.logprobs, confidence_top_k)) if confidence_top_k else None
+    conf = _mean(replay_signal(o.logprobs, "token_confidence", confidence_top_k)) if confidence_top_k else None
     return Step(tuple(ids), decode(ids), ended, prompt_tokens=usage[0],
                 cached_prompt_tokens=usage[1], mean_confidence=conf)
 
@@ -144,7 +128,7 @@ def output_steps(o, delimiter: Delimiter, decode: Callable[[Sequence[int]], str]
     step carries `ended`, the first the request's prompt usage."""
     ids = list(o.token_ids)
     pieces = split_steps(ids, delimiter, decode)
-    confs = token_confidences(o.logprobs, confidence_top_k) if confidence_top_k else []
+    confs = replay_signal(o.logprobs, "token_confidence", confidence_top_k) if confidence_top_k else []
     steps, start = [], 0
     for k, piece in enumerate(pieces):
         u = usage if k == 0 else (0, 0)

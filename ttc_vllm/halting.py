@@ -281,6 +281,38 @@ class SignalWindows:
 
 # ---- plain-Python reference for offline traces ------------------------------------------
 
+def replay_signal(position_logprobs: Sequence[dict] | None, signal: str, top_k: int = MAX_TOP_K,
+                  token_ids: Sequence[int] | None = None) -> list[float]:
+    """The per-token values r_t of `signal`, replayed on the host from the log-probs vLLM
+    returned for each generated position ({token_id: Logprob or float}: the top-k plus the
+    sampled token when it is outside them) -- the maths `raw_signal` does in the engine,
+    for calibration, the benchmarks' offline replays and search truncation:
+
+    token / group confidence: -mean of the `top_k` largest log-probs; entropy: sum p log p
+    over the returned tokens (exact when the whole vocabulary was returned); sampled_margin
+    (needs the sampled `token_ids`): its log-prob, clipped below at the 20th largest as in
+    the engine, minus the largest."""
+    if position_logprobs is None:
+        return []
+    if signal not in SIGNALS:
+        raise ValueError(f"unknown signal {signal!r}; choose from {', '.join(SIGNALS)}")
+    if signal == "sampled_margin" and token_ids is None:
+        raise ValueError("sampled_margin needs the sampled token ids")
+    out = []
+    for t, pos in enumerate(position_logprobs):
+        values = {tok: float(getattr(v, "logprob", v)) for tok, v in pos.items()}
+        ranked = sorted(values.values(), reverse=True)
+        if signal == "sampled_margin":
+            floor = ranked[MAX_TOP_K - 1] if len(ranked) >= MAX_TOP_K else -math.inf
+            out.append(max(values[token_ids[t]], floor) - ranked[0])
+        elif signal == "entropy":
+            out.append(sum(math.exp(v) * v for v in ranked if v > -math.inf))
+        else:
+            top = [v for v in ranked[:top_k] if v > -math.inf]
+            out.append(-sum(top) / max(len(top), 1))
+    return out
+
+
 def aggregate_series(r: Sequence[float], signal: str, aggregate: str, window: int) -> list[float]:
     """f after each token of a trace of per-token values r (NaN where undefined): the same
     maths as `SignalWindows`, written out plainly for calibration and tests."""
