@@ -16,13 +16,16 @@ from pathlib import Path
 import pytest
 
 from ttc_vllm.cli import build_parser, main
-from ttc_vllm.jobs.evaluate import (
-    RAY_JOB_CONFIG_ENV, RESULTS_FILE, STORAGE_ENV, Item, JobError, LocalWorker, OutputLock, Plan,
-    ResultStore, evaluate_item, format_table, jsonl_problems, ray_job_id, results_dir, run_items,
-    summarize,
-)
-from ttc_vllm.jobs.evaluate import testbed_problems as tiers_problems  # not "test*": pytest would collect it
+from ttc_vllm.jobs.errors import JobError
+from ttc_vllm.jobs.plan import Item, Plan
+from ttc_vllm.jobs.problems import jsonl_problems
+from ttc_vllm.jobs.problems import testbed_problems as tiers_problems  # not "test*": pytest would collect it
 from ttc_vllm.jobs.replicas import CoalescingGenerator, TokenizingPolicy, resolve_address
+from ttc_vllm.jobs.report import format_table, summarize
+from ttc_vllm.jobs.run import LocalWorker, evaluate_item, run_items
+from ttc_vllm.jobs.store import (
+    RAY_JOB_CONFIG_ENV, RESULTS_FILE, STORAGE_ENV, OutputLock, ResultStore, ray_job_id, results_dir,
+)
 from ttc_vllm.search import StepParams
 from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, load_testbed_tokenizer
 from ttc_vllm.testbed import task
@@ -374,7 +377,7 @@ def test_a_failing_item_stops_the_run_and_keeps_what_was_recorded(tmp_path):
 
     store = ResultStore(tmp_path)
     worker = LocalWorker(TokenizingPolicy(Broken(seed=1), TOK))
-    from ttc_vllm.jobs.evaluate import ItemFailedError
+    from ttc_vllm.jobs.run import ItemFailedError
 
     with pytest.raises(ItemFailedError, match=r"\('majority', 2, 'medium', 1\) failed on local: RuntimeError: boom"):
         asyncio.run(run_items(plan, plan.items(), [worker], None, store, concurrency=1))
@@ -385,7 +388,8 @@ KILL_SCRIPT = """
 import asyncio, sys
 sys.path.insert(0, {tests!r})
 from test_jobs import small_plan, TOK
-from ttc_vllm.jobs.evaluate import LocalWorker, ResultStore, run_items
+from ttc_vllm.jobs.run import LocalWorker, run_items
+from ttc_vllm.jobs.store import ResultStore
 from ttc_vllm.jobs.replicas import TokenizingPolicy
 from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM
 

@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         train(args.out, args.steps, args.minutes, batch=32, lr=args.lr, seed=args.seed,
               threads=os.cpu_count() or 2, init=args.init)
     elif args.command == "job" and args.job_command == "evaluate":
-        from ttc_vllm.jobs.evaluate import JobError, evaluate_main
+        from ttc_vllm.jobs.errors import JobError
+        from ttc_vllm.jobs.evaluate import evaluate_main
         from ttc_vllm.jobs.replicas import ReplicaUnavailableError
         from ttc_vllm.prm.pool import PRMUnavailableError
 
