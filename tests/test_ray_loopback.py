@@ -136,6 +136,33 @@ def test_the_prm_pools_ray_head_listens_on_loopback_only():
             process.wait()
 
 
+# The batch jobs' start-up path (`ttc-vllm job evaluate --ray local`).
+JOBS_SCRIPT = """
+import sys
+from ttc_vllm.jobs.replicas import connect
+
+assert connect("local", num_cpus=1)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.timeout(240)
+def test_the_jobs_ray_head_listens_on_loopback_only():
+    process = subprocess.Popen([sys.executable, "-c", JOBS_SCRIPT], cwd=ROOT, env=clean_env(),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready", "Ray did not start"
+        assert_loopback_only(wait_for_listeners(process, RAY_LISTENERS, 120, "the jobs' Ray head"))
+    finally:
+        process.stdin.close()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def test_ray_host_defaults_to_loopback_and_can_be_set():
     from ttc_vllm.prm.pool import ray_host
 

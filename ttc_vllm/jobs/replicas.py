@@ -275,11 +275,13 @@ def connect(address: str, num_cpus: int | None = None, connect_timeout_s: float 
     check_reachable(address, connect_timeout_s)
     if ray.is_initialized():
         return False
+    from ttc_vllm.prm.pool import init_ray
+
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if address == "local":
-        kwargs.update(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
     try:
-        ray.init(address=address, **kwargs)
+        init_ray(ray, address, **kwargs)   # a local head listens on loopback only
     except Exception as e:  # ConnectionError for "auto" without a cluster, and the like
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ReplicaUnavailableError(f"cannot start or join Ray at {address!r}: {first}") from e
