@@ -219,33 +219,78 @@ def test_at_least_thirty_kinds_of_malformed_requests():
 # -- disconnect -------------------------------------------------------------------------------
 
 def test_disconnect_mid_search_aborts_every_sub_request(server, client):
-    """A long search -- beam search over up to 110 rounds of 64 step requests of 4 tokens
-    (the context allows ~110; short rounds keep it running long whatever the machine's
-    speed; ignore_eos, inherited by every sampled step, keeps every trace open) -- dropped by
-    its client once the engine has finished its first round: the requests in flight are
-    aborted, no new round starts, and the engine goes back to idle (no running request, KV
-    usage 0). The client is a raw socket so the disconnect happens exactly when the test
-    decides, whatever the machine's load. The search is seen running through a counter
-    (finished step requests), not the running/KV gauges: a busy server answers /metrics
-    slowly, and gauges sampled between short rounds can miss a search that is running."""
+    """A search dropped by its client mid-way is aborted: its sub-request in flight is
+    aborted, no new one starts, and the engine goes back to idle (no running or waiting
+    request, KV usage 0). No assertion depends on how fast the machine is:
+
+    - The search cannot end on its own while the test watches: MCTS with c_puct=100 (near
+      breadth-first, so no trace gets deep enough to finish; ignore_eos, inherited by every
+      step, keeps traces open) runs all its rollouts -- as many as the server's work
+      ceiling allows -- one after the other, each one engine request of max_step_tokens
+      tokens (the delimiter never occurs): 4096 x 16 = 65,536 decode steps in sequence,
+      more than the test's 60 s deadline to see the first rollout finish even at 1 ms a
+      step (about 4 ms here, plus a round trip per rollout). The socket is closed right
+      after that first rollout is seen, so "nothing has come back yet" holds by
+      construction, and "the whole search did not run" with it.
+    - The search is seen running through a counter (finished step requests), not the
+      running/KV gauges: gauges sampled between rollouts can miss a running search.
+    - The client is a raw socket, so the disconnect happens exactly when the test decides.
+    - Idle after the disconnect is awaited (a deadline for liveness only), but idle gauges
+      alone can be a gap between rollouts. "No step request of the search finishes
+      afterwards" is shown by events instead of a sleep: a plain request, sent after the
+      disconnect, completes -- so the server has handled the disconnect -- and then a second
+      one completes while the count of requests finished normally grows by exactly that
+      one. Each is 64 tokens with ignore_eos: it ends by length, so vLLM records it before it
+      answers, and a live search would finish rollouts of 16 tokens alongside it."""
+    from ttc_vllm.limits import MAX_COUNT
+    from tests.live_server import MAX_SEARCH_WORK
+
+    beam_width, step_tokens, first_rollout_deadline_s = 2, 16, 60
+    rollouts = min(MAX_SEARCH_WORK // beam_width, MAX_COUNT)  # MCTS work: beam_width x rollouts
+    assert rollouts * step_tokens * 1e-3 > first_rollout_deadline_s, (
+        "the server's work ceiling no longer allows a search that outlasts the deadline")
     body = json.dumps({"model": SERVED_NAME, "messages": chat(HARD), "max_tokens": 440, "seed": 3,
                        "ignore_eos": True,
-                       "ttc": {"search": {"strategy": "beam", "n": 64, "beam_width": 4, "max_steps": 110,
-                                          "max_step_tokens": 4}}}).encode()
-    finished_before = server.metrics().get("vllm:request_success_total", 0.0)
+                       "ttc": {"search": {"strategy": "mcts", "n": 8, "beam_width": beam_width,
+                                          "max_steps": 1024, "max_step_tokens": step_tokens,
+                                          "step_delimiter": "@@never@@",
+                                          "mcts": {"rollouts": rollouts, "c_puct": 100.0}}}}).encode()
+
+    def metrics() -> tuple[float, float, dict[str, float]]:
+        """(requests finished normally, requests aborted, gauges); a busy server may take
+        long to answer /metrics, hence the long timeout."""
+        text = httpx.get(f"{server.url}/metrics", timeout=300).text
+        done = aborted = 0.0
+        gauges = {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0,
+                  "vllm:kv_cache_usage_perc": 0.0}
+        for name, labels, value in re.findall(r"^([\w:]+)(\{[^}]*\})?\s+(\S+)$", text, re.M):
+            if name == "vllm:request_success_total":
+                if 'finished_reason="abort"' in labels:
+                    aborted += float(value)
+                else:
+                    done += float(value)
+            elif name in gauges:
+                gauges[name] += float(value)
+        return done, aborted, gauges
+
+    done_before, aborted_before, _ = metrics()
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + host.encode() +
                  b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() +
                  b"\r\n\r\n" + body)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + first_rollout_deadline_s  # the search outlasts it (above)
     try:
-        while server.metrics().get("vllm:request_success_total", 0.0) < finished_before + 64:
-            assert time.monotonic() < deadline, "no round of the search finished"
+        while True:
+            seen = metrics()[0] >= done_before + beam_width  # the first rollout's children
+            # checked after the poll: the socket closes before the deadline, or not at all
+            assert time.monotonic() < deadline, "no rollout of the search seen in time"
+            if seen:
+                break
             time.sleep(0.05)
         sock.settimeout(0.0)
         try:
-            early = sock.recv(1)  # nothing may have come back yet: the search is still running
+            early = sock.recv(1)  # nothing may have come back: the search is still running
         except BlockingIOError:
             early = b""
         if early:  # say what came back (an error, or a search that ended this early)
@@ -257,24 +302,29 @@ def test_disconnect_mid_search_aborts_every_sub_request(server, client):
         assert early == b"", f"the search ended before the client gave up: {early[:600]!r}"
     finally:
         sock.close()  # the client gives up
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # liveness only
     while True:
-        m = server.metrics()
-        if (m.get("vllm:num_requests_running", 1) == 0 and m.get("vllm:num_requests_waiting", 1) == 0
-                and m.get("vllm:kv_cache_usage_perc", 1) == 0):
+        done_at_idle, _, gauges = metrics()
+        if not any(gauges.values()):
             break
-        assert time.monotonic() < deadline, f"not idle after the disconnect: {m}"
+        assert time.monotonic() < deadline, f"not idle after the disconnect: {gauges}"
         time.sleep(0.2)
-    finished_at_idle = server.metrics().get("vllm:request_success_total", 0.0)
-    time.sleep(8)  # a live search would have run several more rounds of 64 requests by now
-    finished_after = server.metrics().get("vllm:request_success_total", 0.0)
-    assert finished_after == finished_at_idle, (
-        f"{finished_after - finished_at_idle} step requests finished after the disconnect: "
-        "the search kept running")
-    assert finished_at_idle - finished_before < 48 * 64, "the whole search ran"
-    assert server.metrics().get("vllm:num_requests_running", 1) == 0
-    ok = client.chat.completions.create(model=SERVED_NAME, messages=chat(EASY), max_tokens=4)
-    assert ok.choices[0].finish_reason in ("stop", "length")
+    assert done_at_idle - done_before < beam_width * rollouts, "the whole search ran"
+
+    def plain_request() -> None:
+        r = client.chat.completions.create(model=SERVED_NAME, messages=chat(EASY), max_tokens=64,
+                                           temperature=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].finish_reason == "length"
+
+    plain_request()  # answered after the disconnect, so the server has handled it by now
+    done_settled = metrics()[0]
+    plain_request()
+    done_after, aborted_after, gauges = metrics()
+    assert done_after == done_settled + 1, (
+        f"{done_after - done_settled - 1:g} step requests finished while one plain request ran, "
+        f"after the disconnect: the search kept running ({aborted_after - aborted_before:g} "
+        "of its requests were aborted)")
+    assert not any(gauges.values()), f"not idle after the plain requests: {gauges}"
 
 
 # -- dashboards -------------------------------------------------------------------------------
