@@ -1000,8 +1000,9 @@ def local_ray():
     """One local Ray for the fake-replica tests (after the engine test, which starts and stops
     its own through the CLI)."""
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+    from ttc_vllm.prm.pool import init_ray
+
+    init_ray(ray, "local", num_cpus=2, include_dashboard=False, log_to_driver=False)   # loopback only
     yield ray
     ray.shutdown()
 

@@ -24,10 +24,10 @@ def test_the_testbed_prm_is_shipped():
 
 @pytest.fixture(scope="module")
 def prm_pool():
-    from ttc_vllm.prm.pool import PRMPool
+    from ttc_vllm.prm.pool import PRMPool, init_ray
     from ttc_vllm.prm.scorers import PRMConfig, make_scorer
 
-    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
+    init_ray(ray, "local", include_dashboard=False, num_cpus=2, log_to_driver=False)   # loopback only
     config = PRMConfig.testbed(engine_kwargs={"kv_cache_memory_bytes": 128 << 20})
     pool = PRMPool(1, functools.partial(make_scorer, config), max_batch=64, max_restarts=2,
                    max_task_retries=2, actor_options={"num_cpus": 1}, ready_timeout_s=300)
