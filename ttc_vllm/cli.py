@@ -1,4 +1,4 @@
-"""`ttc-vllm` command line: demo, testbed training, calibration, serving, jobs.
+"""`ttc-vllm` command line: demo, testbed training, calibration, serving, jobs, options reference.
 
 Bad arguments end with one line on stderr and exit code 2; vLLM is imported only by the
 subcommands that need it, so `ttc-vllm --help` is instant.
@@ -146,6 +146,26 @@ def _add_job_evaluate(job_sub) -> None:
                           "including waiting for a joined cluster to add the resources they need")
 
 
+DEFAULT_OPTIONS_REFERENCE = str(Path(__file__).with_name("OPTIONS.md"))
+
+
+def options_reference(check: str | None) -> int:
+    """Print the options reference, or (check) compare it with a committed file: 0 when equal."""
+    from ttc_vllm.options_reference import COMMAND, generate
+
+    text = generate()
+    if check is None:  # UTF-8 whatever the locale: the reference has ≥, ≤, τ
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8"))
+        sys.stdout.flush()
+        return 0
+    path = Path(check)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return 0
+    sys.stderr.write(f"ttc-vllm options-reference: {path} is stale or missing; regenerate it: {COMMAND}\n")
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="ttc-vllm", description="Test-time compute scaling for vLLM serving")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -157,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--temperature", type=float, default=0.8)
     demo.add_argument("--model", type=readable_dir, default=None, help="policy directory (default: shipped)")
     demo.add_argument("--out", type=writable_dir, default=Path("runs/demo"), help="where the JSON and PNG go")
+    demo.add_argument("--verbose", action="store_true",
+                      help="show vLLM's engine logs and progress bars (hidden by default)")
 
     tb = sub.add_parser("testbed", help="train the testbed models")
     tb_sub = tb.add_subparsers(dest="testbed_command", required=True, parser_class=_Parser)
@@ -173,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     job_sub = job.add_subparsers(dest="job_command", required=True, parser_class=_Parser)
     _add_job_evaluate(job_sub)
     job_sub.add_parser("prm-data", help="Monte-Carlo step labels for PRM training", add_help=False)
+
+    ref = sub.add_parser("options-reference",
+                         help="print the per-request options reference (ttc_vllm/OPTIONS.md) from the models")
+    ref.add_argument("--check", nargs="?", const=DEFAULT_OPTIONS_REFERENCE, default=None, metavar="PATH",
+                     help="instead of printing, exit 1 if PATH (default: ttc_vllm/OPTIONS.md) is stale")
 
     sub.add_parser("calibrate", help="pick a halting threshold from warm-up traces", add_help=False)
     sub.add_parser("serve", help="vllm serve with the ttc-vllm plugin enabled (same arguments)", add_help=False)
@@ -202,9 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from ttc_vllm.demo import run_demo
+        from ttc_vllm.demo import quiet_engine, run_demo
 
-        run_demo(args.tiers, args.problems, args.k, args.temperature, args.model, args.out)
+        if not args.verbose:
+            quiet_engine()  # before vLLM is imported: its logging reads the environment then
+        run_demo(args.tiers, args.problems, args.k, args.temperature, args.model, args.out,
+                 verbose=args.verbose)
+    elif args.command == "options-reference":
+        return options_reference(args.check)
     elif args.command == "testbed" and args.testbed_command == "train-policy":
         from ttc_vllm.testbed.train_policy import train
 
