@@ -97,22 +97,29 @@ def start_server(tmp_path_factory):
         process = subprocess.Popen(server_command(model, port), cwd=ROOT, env=env, stdout=sink,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_healthy(process, url, log)
         yield Server(url, process, log)
     finally:
         stop_process_group(process)
+
+
+def wait_healthy(process: subprocess.Popen, url: str, log: Path,
+                 timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    """Until `url`/health answers 200; fails with the log's tail if the server exits first
+    or stays unhealthy past `timeout_s` (a failure guard for a server that never comes up)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"server not healthy after {timeout_s}s:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
 
 
 def stop_process_group(process: subprocess.Popen) -> None:

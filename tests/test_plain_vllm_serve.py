@@ -9,12 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-from tests.live_server import BLOCK, ROOT, free_port, max_model_len, policy_dir, stop_process_group
+from tests.live_server import (
+    BLOCK, ROOT, free_port, max_model_len, policy_dir, stop_process_group, wait_healthy,
+)
 
 pytestmark = pytest.mark.server
 
@@ -33,18 +34,8 @@ def plain_server(tmp_path_factory):
              "--max-model-len", str(max_model_len(model)), "--max-num-seqs", "8"],
             cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vLLM exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(1)
+        wait_healthy(process, url, log)
         yield url
     finally:
         stop_process_group(process)

@@ -24,7 +24,7 @@ psutil = pytest.importorskip("psutil")
 pytest.importorskip("ray")
 
 from tests.live_server import (  # noqa: E402
-    ROOT, SERVED_NAME, STARTUP_TIMEOUT_S, free_port, policy_dir, server_command, stop_process_group,
+    ROOT, SERVED_NAME, free_port, policy_dir, server_command, stop_process_group, wait_healthy,
 )
 
 pytestmark = pytest.mark.ray
@@ -202,17 +202,7 @@ def test_the_server_with_a_local_prm_listens_on_loopback_only(tmp_path):
                                    stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"not healthy:\n{log.read_text()[-4000:]}"
-            time.sleep(1)
+        wait_healthy(process, url, log)
         # The PRM works over this Ray: a best-of-n search scores its traces on the actor.
         r = httpx.post(f"{url}/v1/chat/completions", timeout=600, json={
             "model": SERVED_NAME, "messages": [{"role": "user", "content": "3+4=?"}],
