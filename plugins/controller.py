@@ -186,14 +186,10 @@ class TTCControllerMiddleware:
         self.max_body_bytes = env_positive_int(MAX_BODY_BYTES_ENV, DEFAULT_MAX_BODY_BYTES)
 
     async def __call__(self, scope, receive, send) -> None:
-        path = _route_path(scope)
-        if scope["type"] != "http" or scope.get("method") != "POST" \
-                or (path not in CONTROLLED_PATHS and path not in UNSUPPORTED_PATHS):
-            await self.app(scope, receive, send)
+        read = await _read_post(self, scope, receive, send)
+        if read is None:
             return
-        body = await _read_bounded(receive, send, scope, self.max_body_bytes)
-        if body is None:
-            return
+        path, body = read
         plan, controller = PASS, None
         if might_carry_ttc(body):
             try:
@@ -249,14 +245,10 @@ class TTCNotEnabledMiddleware:
         self.max_body_bytes = env_positive_int(MAX_BODY_BYTES_ENV, DEFAULT_MAX_BODY_BYTES)
 
     async def __call__(self, scope, receive, send) -> None:
-        path = _route_path(scope)
-        if scope["type"] != "http" or scope.get("method") != "POST" \
-                or (path not in CONTROLLED_PATHS and path not in UNSUPPORTED_PATHS):
-            await self.app(scope, receive, send)
+        read = await _read_post(self, scope, receive, send)
+        if read is None:
             return
-        body = await _read_bounded(receive, send, scope, self.max_body_bytes)
-        if body is None:
-            return
+        path, body = read
         if might_carry_ttc(body) and _asks_for_unserved_ttc(body):
             await _send_json(send, 400, error_body(RequestRejected(
                 TTC_FIELD, f"{TTC_FIELD}: test-time-compute options are not enabled on this "
@@ -274,6 +266,18 @@ def _asks_for_unserved_ttc(body: bytes) -> bool:
         return False
     xargs = parsed.get(XARGS_FIELD)
     return parsed.get(TTC_FIELD) is not None or (isinstance(xargs, dict) and SEARCH_XARG in xargs)
+
+
+async def _read_post(middleware, scope, receive, send) -> tuple[str, bytes] | None:
+    """(path, whole body) of a POST to a path the middlewares read; None when the request
+    was passed on untouched (another method or path) or already answered."""
+    path = _route_path(scope)
+    if scope["type"] != "http" or scope.get("method") != "POST" \
+            or (path not in CONTROLLED_PATHS and path not in UNSUPPORTED_PATHS):
+        await middleware.app(scope, receive, send)
+        return None
+    body = await _read_bounded(receive, send, scope, middleware.max_body_bytes)
+    return None if body is None else (path, body)
 
 
 async def _read_bounded(receive, send, scope, max_bytes: int) -> bytes | None:
