@@ -9,7 +9,7 @@
    installed "vanilla" carries the logits processor too (idle for requests without ttc).
 2. Search latency through the server (one HTTP request per problem) vs the same strategy,
    problems and seeds run offline (`run_search` over `OfflineStepGenerator` on an offline
-   `LLM`); both use the deterministic fake PRM, so the comparison is about serving.
+   `LLM`); both use the testbed's oracle PRM (an exact checker), so the comparison is about serving.
 
 Prints a table, writes benchmarks/results/server_overhead.json (+ .png).
 Usage: python benchmarks/server_overhead.py [--model DIR] [--rounds 5] [--requests 64]
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, SERVED, ServerProcess, engine_args, write_result  # noqa: E402
 
-FAKE_PRM = "python:ttc_vllm.search.fakes:FakeArithmeticPRM"
+ORACLE_PRM = "python:ttc_vllm.testbed.oracle_prm:OraclePRM"
 STRATEGIES = {
     "majority": {"strategy": "majority", "n": 8},
     "best_of_n": {"strategy": "best_of_n", "n": 8},
@@ -91,7 +91,7 @@ def search_latency_offline(llm, problems, strategy: dict, max_tokens: int) -> li
     from ttc_vllm.answer import answer_extractor
     from ttc_vllm.engine_offline import OfflineStepGenerator
     from ttc_vllm.search import SearchOptions, run_search
-    from ttc_vllm.search.fakes import FakeArithmeticPRM
+    from ttc_vllm.testbed.oracle_prm import OraclePRM
     from ttc_vllm.testbed import task
 
     tokenizer = llm.get_tokenizer()
@@ -101,7 +101,7 @@ def search_latency_offline(llm, problems, strategy: dict, max_tokens: int) -> li
         ids = tokenizer.encode(task.prompt(problem), add_special_tokens=False)
         generator = OfflineStepGenerator(llm, task.STEP_TAG, seed=100 + i)
         start = time.perf_counter()
-        result = asyncio.run(run_search(ids, generator, FakeArithmeticPRM(), options,
+        result = asyncio.run(run_search(ids, generator, OraclePRM(), options,
                                         answer_extractor(thinking_open=True)))
         latency = time.perf_counter() - start
         generator.close()
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     max_model_len = min(1024, json.loads(Path(args.model, "config.json").read_text())
                         .get("max_position_embeddings", 1024))
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TTC_VLLM_PRM": FAKE_PRM}
+           "TTC_VLLM_PRM": ORACLE_PRM}
     env.pop("VLLM_PLUGINS", None)
     vanilla = ServerProcess("vanilla", [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
                                         "--model", *engine_args(args.model, max_model_len)], env)

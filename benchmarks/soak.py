@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, SERVED, ServerProcess, engine_args, save_figure, write_result  # noqa: E402
 
-FAKE_PRM = "python:ttc_vllm.search.fakes:FakeArithmeticPRM"
+ORACLE_PRM = "python:ttc_vllm.testbed.oracle_prm:OraclePRM"
 QUESTIONS = ["3+4=?", "12+30=?", "512+377=?", "804+219+660=?", "512+377+804+219+660=?"]
 # kind -> weight; "disconnect" drops its request early on purpose
 MIX = {"plain": 25, "budgeted": 20, "halted": 15, "search_majority": 10, "search_beam": 5,
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TTC_VLLM_PRM": FAKE_PRM}
+           "TTC_VLLM_PRM": ORACLE_PRM}
     server = ServerProcess("ttc-vllm", [sys.executable, "-m", "ttc_vllm.cli", "serve",
                                         *engine_args(args.model, 512)], env)
     try:

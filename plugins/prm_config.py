@@ -10,7 +10,8 @@ SSRF hole. The operator picks one with environment variables when starting the s
   - `http://...` / `https://...`: a running vLLM pooling server of the PRM
     (`vllm serve PRM --runner pooling`), see `ttc_vllm_plugins.prm_http`;
   - `python:pkg.module:factory`: a zero-argument callable returning a StepScorer (custom
-    scorers, and the deterministic fake PRM the server tests use).
+    scorers, and the testbed's exact checker
+    `python:ttc_vllm.testbed.oracle_prm:OraclePRM` that the server tests use).
 - `TTC_VLLM_PRM_CONFIG`: `ttc_vllm.prm.scorers.PRMConfig` as JSON (inline or a file path);
   default: the shipped testbed PRM.
 - `TTC_VLLM_PRM_ACTORS`: Ray actors in the pool (default 1).

@@ -1,6 +1,6 @@
 """One real `ttc-vllm serve` process per test session, shared by every server test
 (start-up costs 20-60 s of CPU here): the testbed policy with the DeepSeek-R1 reasoning
-parser and, as its start-up PRM, the deterministic fake PRM of ttc_vllm.search.fakes
+parser and, as its start-up PRM, the testbed's exact checker ttc_vllm.testbed.oracle_prm
 (TTC_VLLM_PRM=python:...), so every strategy is reachable. The fixtures `server` and
 `client` (tests/conftest.py) wrap `start_server` and `make_client`."""
 from __future__ import annotations
@@ -85,7 +85,7 @@ def start_server(tmp_path_factory):
         pytest.skip(f"no testbed policy at {model}")
     port = free_port()
     env = {**os.environ,
-           "TTC_VLLM_PRM": "python:ttc_vllm.search.fakes:FakeArithmeticPRM",
+           "TTC_VLLM_PRM": "python:ttc_vllm.testbed.oracle_prm:OraclePRM",
            "TTC_VLLM_MAX_N": "64",
            # room for the disconnect test's long MCTS search (beam_width x rollouts)
            "TTC_VLLM_MAX_SEARCH_WORK": str(MAX_SEARCH_WORK),

@@ -10,7 +10,7 @@ from ttc_vllm.engine_offline import (
     Delimiter, OfflineStepGenerator, request_seed, resolve_delimiter, split_steps,
 )
 from ttc_vllm.halting import replay_signal
-from ttc_vllm.search.fakes import load_testbed_tokenizer
+from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
 from ttc_vllm.search.protocols import StepGenerator, StepParams, Trace
 from ttc_vllm.testbed import task
 from ttc_vllm.testbed.task import STEP_TAG
@@ -238,7 +238,7 @@ def test_real_engine_search_with_a_thinking_budget_caps_every_trace(llm, strateg
     requests of a beam (the budget counts the thinking already in each step's prompt)."""
     from ttc_vllm.options import TTCOptions
     from ttc_vllm.search import SearchOptions, run_search
-    from ttc_vllm.search.fakes import FakeArithmeticPRM
+    from tests.fakes import FakeArithmeticPRM
     from ttc_vllm.testbed.metrics import MarkerIds, thinking_tokens
 
     cap = 40   # a hard-tier trace needs ~105 thinking tokens: every trace hits the cap

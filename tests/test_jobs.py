@@ -27,7 +27,8 @@ from ttc_vllm.jobs.store import (
     RAY_JOB_CONFIG_ENV, RESULTS_FILE, STORAGE_ENV, OutputLock, ResultStore, ray_job_id, results_dir,
 )
 from ttc_vllm.search import StepParams
-from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, load_testbed_tokenizer
+from tests.fakes import FakeArithmeticPolicy, FakeArithmeticPRM
+from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
 from ttc_vllm.testbed import task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,7 +392,7 @@ from test_jobs import small_plan, TOK
 from ttc_vllm.jobs.run import LocalWorker, run_items
 from ttc_vllm.jobs.store import ResultStore
 from ttc_vllm.jobs.replicas import TokenizingPolicy
-from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM
+from tests.fakes import FakeArithmeticPolicy, FakeArithmeticPRM
 
 class Slow(FakeArithmeticPolicy):
     async def complete(self, prefixes, n, params):
@@ -959,13 +960,14 @@ def test_cli_job_on_local_ray_with_prm_strategies(tmp_path, monkeypatch, capsys)
 
     def fake_vllm_policy(model, overrides, delimiter):  # local: pickled by value
         from ttc_vllm.jobs.replicas import TokenizingPolicy
-        from ttc_vllm.search.fakes import FakeArithmeticPolicy, load_testbed_tokenizer
+        from tests.fakes import FakeArithmeticPolicy
+        from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
 
         assert model is None and overrides == {"seed": 5}  # what the CLI passes the factory
         return TokenizingPolicy(FakeArithmeticPolicy(seed=1), load_testbed_tokenizer())
 
     def fake_make_scorer(config):
-        from ttc_vllm.search.fakes import FakeArithmeticPRM
+        from tests.fakes import FakeArithmeticPRM
 
         assert config.model == "fake-prm"
         return FakeArithmeticPRM()
@@ -1015,7 +1017,8 @@ def test_fake_replicas_share_the_items_and_resume_after_an_interruption(local_ra
 
     def factory():  # local: pickled by value, the Ray workers need no test module
         from ttc_vllm.jobs.replicas import TokenizingPolicy
-        from ttc_vllm.search.fakes import FakeArithmeticPolicy, load_testbed_tokenizer
+        from tests.fakes import FakeArithmeticPolicy
+        from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
 
         # 20 ms a call, like an engine: calls arriving while one runs queue and merge
         return TokenizingPolicy(FakeArithmeticPolicy(seed=1, delay_s=0.02), load_testbed_tokenizer())
@@ -1118,7 +1121,8 @@ HANG_AFTER = int(os.environ["HANG_AFTER"])  # engine calls answered before the p
 
 def fake_vllm_policy(model, overrides, delimiter):  # in __main__: pickled by value with HANG_AFTER
     from ttc_vllm.jobs.replicas import TokenizingPolicy
-    from ttc_vllm.search.fakes import FakeArithmeticPolicy, load_testbed_tokenizer
+    from tests.fakes import FakeArithmeticPolicy
+    from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
 
     class Hanging(FakeArithmeticPolicy):
         calls = 0

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from ttc_vllm.prm.scorers import PRMConfig
-from ttc_vllm.search.fakes import FakeArithmeticPRM
 from ttc_vllm.search.protocols import Step, Trace
+from ttc_vllm.testbed.oracle_prm import OraclePRM
 from ttc_vllm_plugins.prm_config import PRMConfigError, prm_config, scorer_from_env
 from ttc_vllm_plugins.prm_http import HTTPPoolingPRM
 
@@ -24,8 +24,8 @@ def test_no_prm_configured():
 
 
 def test_python_factory_scorer():
-    scorer = scorer_from_env({"TTC_VLLM_PRM": "python:ttc_vllm.search.fakes:FakeArithmeticPRM"})
-    assert isinstance(scorer, FakeArithmeticPRM)
+    scorer = scorer_from_env({"TTC_VLLM_PRM": "python:ttc_vllm.testbed.oracle_prm:OraclePRM"})
+    assert isinstance(scorer, OraclePRM)
 
 
 @pytest.mark.parametrize("spec,match", [

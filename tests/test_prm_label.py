@@ -8,7 +8,8 @@ from ttc_vllm.prm import label as lbl  # module access: pytest would collect tes
 from ttc_vllm.prm.label import (
     mc_label, parse_tiers, read_jsonl, summarize, training_problems, write_jsonl,
 )
-from ttc_vllm.search.fakes import FakeArithmeticPolicy, RecordingGenerator, load_testbed_tokenizer
+from tests.fakes import FakeArithmeticPolicy, RecordingGenerator
+from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
 from ttc_vllm.search.protocols import StepParams
 from ttc_vllm.testbed import task
 from ttc_vllm.testbed.task import STEP_TAG

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ttc_vllm.search import SearchOptions, StepParams, Trace, run_search
-from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, prompt_ids
+from tests.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, prompt_ids
 from ttc_vllm.testbed import task
 
 ray = pytest.importorskip("ray")

@@ -18,7 +18,7 @@ from ttc_vllm.prm.scorers import (
     clean_step_text, extract_question, make_scorer, pooling_llm_kwargs, step_scores,
     surprise_scores, token_id_of, token_ids_input,
 )
-from ttc_vllm.search.fakes import load_testbed_tokenizer
+from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
 from ttc_vllm.search.protocols import Step, StepScorer, Trace
 from ttc_vllm.testbed import task
 

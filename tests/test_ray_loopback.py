@@ -110,9 +110,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 POOL_SCRIPT = """
 import sys
 from ttc_vllm.prm.pool import PRMPool
-from ttc_vllm.search.fakes import FakeArithmeticPRM
+from ttc_vllm.testbed.oracle_prm import OraclePRM
 
-with PRMPool(1, FakeArithmeticPRM, actor_options={"num_cpus": 0.5}) as pool:
+with PRMPool(1, OraclePRM, actor_options={"num_cpus": 0.5}) as pool:
     pool.check()
     print("ready", flush=True)
     sys.stdin.read()  # until the test closes our stdin

@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from ttc_vllm.search import SearchOptions, run_search
-from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, ScriptedScorer, hard_problems, \
-    load_testbed_tokenizer, prompt_ids
+from tests.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, ScriptedScorer, hard_problems, prompt_ids
+from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
 from ttc_vllm.search.protocols import Step
 from ttc_vllm.testbed import task
 

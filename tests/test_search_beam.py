@@ -1,9 +1,9 @@
 import asyncio
 
-from ttc_vllm.search import fakes
+from tests import fakes
 from ttc_vllm.search import SearchOptions, Trace, run_search
 from ttc_vllm.search.beam import top_distinct
-from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, RecordingGenerator, prompt_ids
+from tests.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, RecordingGenerator, prompt_ids
 from ttc_vllm.search.protocols import Candidate, Step
 from ttc_vllm.testbed import task
 

@@ -7,7 +7,7 @@ from ttc_vllm.engine_offline import Delimiter, step_sampling_kwargs
 from ttc_vllm.options import EXTRA_ARGS_KEY, TTCOptions
 from ttc_vllm.search import SearchOptions, StepParams, run_search
 from ttc_vllm.search.controls import ControlledGenerator
-from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, hard_problems, prompt_ids
+from tests.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, hard_problems, prompt_ids
 from ttc_vllm.testbed import task
 
 

@@ -3,9 +3,9 @@ from collections import Counter
 
 import pytest
 
-from ttc_vllm.search import fakes
+from tests import fakes
 from ttc_vllm.search import SearchOptions, run_search
-from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, prompt_ids
+from tests.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, prompt_ids
 from ttc_vllm.testbed import task
 
 HARD = fakes.hard_problems(10, seed=1)

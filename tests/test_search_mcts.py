@@ -2,9 +2,9 @@ import asyncio
 
 import pytest
 
-from ttc_vllm.search import fakes
+from tests import fakes
 from ttc_vllm.search import SearchOptions, Trace, run_search
-from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, RecordingGenerator, prompt_ids
+from tests.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, RecordingGenerator, prompt_ids
 from ttc_vllm.search.mcts import Node, backpropagate, puct, select_leaf
 from ttc_vllm.search.protocols import Candidate
 from ttc_vllm.testbed import task

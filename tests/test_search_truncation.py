@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from ttc_vllm.search import fakes
+from tests import fakes
 from ttc_vllm.search import SearchOptions, Step, Trace, run_search
-from ttc_vllm.search.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, RecordingGenerator, prompt_ids
+from tests.fakes import FakeArithmeticPolicy, FakeArithmeticPRM, RecordingGenerator, prompt_ids
 from ttc_vllm.testbed import task
 
 HARD = fakes.hard_problems(10, seed=1)

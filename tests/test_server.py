@@ -146,7 +146,7 @@ def test_search_strategy_returns_one_openai_response(client, name):
 def test_search_carries_its_thinking_budget_to_every_sample(client):
     """ttc.max_think next to ttc.search: every sampled trace is capped by the logits
     processor (each is its own engine request), so the chosen one is too."""
-    from ttc_vllm.search.fakes import load_testbed_tokenizer
+    from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
 
     end = load_testbed_tokenizer().convert_tokens_to_ids("</think>")
     question = chat("812+407+695+333+904+518+276+649=?")   # ~105 thinking tokens uncapped

@@ -2,6 +2,7 @@
 markers. It round-trips any string exactly (whitespace and newlines included)."""
 from __future__ import annotations
 
+from functools import lru_cache
 
 from ttc_vllm.testbed.task import BOS, EOS, PAD, STEP_TAG, THINK_END, THINK_START
 
@@ -40,3 +41,9 @@ def build_tokenizer():
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+@lru_cache(maxsize=1)
+def load_testbed_tokenizer():
+    """One testbed tokenizer per process, built on first use (callers must not change it)."""
+    return build_tokenizer()

@@ -1,4 +1,4 @@
-"""Deterministic fakes of the policy and the PRM on the testbed task, for tests and docs.
+"""Deterministic test doubles of the policy and the PRM on the testbed task.
 
 FakeArithmeticPolicy writes testbed traces ("\\n12+7=19<step>" ... "\\n</think>\\nAnswer: N"
 + EOS) in the testbed tokenizer's token ids, adding the terms in a seeded random order and
@@ -6,84 +6,26 @@ making seeded "carry" mistakes (the result off by +mistake_offset). Because ever
 shifts the final answer by the same offset, wrong traces tend to agree: a biased policy
 where majority voting converges on a wrong answer and a PRM helps.
 
-FakeArithmeticPRM scores a step by whether the trace is still on track (every step so far is
-arithmetic on the problem's own terms and correct; the answer equals the sum), shaped like
-the Monte-Carlo rollout labels a trained PRM learns.
-
-Neither is used by product code paths.
+FakeArithmeticPRM is the testbed's exact checker (ttc_vllm.testbed.oracle_prm.OraclePRM),
+which scores like the Monte-Carlo rollout labels of this policy, plus what tests need to
+watch it: a per-call delay and a record of the calls.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import random
-import re
-from collections import Counter
-from functools import lru_cache
 from typing import Sequence
 
 from ttc_vllm.search.protocols import Completion, Step, StepParams, Trace
 from ttc_vllm.testbed import task
-
-_QUESTION_RE = re.compile(r"Q: (-?\d+(?:\+-?\d+)*)=\?")
-_STEP_RE = re.compile(r"^(-?\d+)\+(-?\d+)=(-?\d+)$")
-
-
-@lru_cache(maxsize=1)
-def load_testbed_tokenizer():
-    from ttc_vllm.testbed.tokenizer import build_tokenizer
-
-    return build_tokenizer()
+from ttc_vllm.testbed.oracle_prm import OraclePRM, RunningSum, problem_and_steps
+from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
 
 
 def prompt_ids(problem: task.Problem) -> list[int]:
     """The token ids of the testbed prompt of a problem."""
     return load_testbed_tokenizer().encode(task.prompt(problem), add_special_tokens=False)
-
-
-def _problem_and_steps(text: str) -> tuple[tuple[int, ...], list[str], bool]:
-    """(terms, step lines, answered?) of a testbed prompt + partial completion."""
-    m = _QUESTION_RE.search(text)
-    if not m:
-        raise ValueError(f"not a testbed prompt: {text[:60]!r}")
-    terms = tuple(int(t) for t in m.group(1).split("+"))
-    thinking = text[m.end():].split(task.THINK_START, 1)[-1]
-    answered = task.THINK_END in thinking
-    thinking = thinking.split(task.THINK_END, 1)[0]
-    lines = [s.strip("\n") for s in thinking.split(task.STEP_TAG)[:-1]]
-    return terms, lines, answered
-
-
-class _Walk:
-    """Replays step lines over a problem: running total, unused terms, still on track?"""
-
-    def __init__(self, terms: Sequence[int]):
-        self.remaining = Counter(terms)
-        self.acc: int | None = None
-        self.on_track = True  # every step so far used the problem's terms and added right
-
-    def _take(self, term: int) -> bool:
-        if self.remaining[term] <= 0:
-            return False
-        self.remaining[term] -= 1
-        return True
-
-    def step(self, line: str) -> None:
-        m = _STEP_RE.match(line)
-        if not m:
-            self.on_track = False
-            return
-        a, b, c = (int(g) for g in m.groups())
-        if self.acc is None:
-            ok = self._take(a) and self._take(b)
-        else:
-            ok = a == self.acc and self._take(b)
-        self.on_track = self.on_track and ok and c == a + b
-        self.acc = c
-
-    @property
-    def unused(self) -> list[int]:
-        return sorted(self.remaining.elements())
 
 
 def _seeded_rng(seed: int, prefix: Sequence[int], sample: int) -> random.Random:
@@ -118,9 +60,7 @@ class FakeArithmeticPolicy:
 
     async def generate_steps(self, prefixes: Sequence[Sequence[int]], n: int,
                              params: StepParams) -> list[list[Step]]:
-        self.calls.append(("generate_steps", [tuple(p) for p in prefixes], n))
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        await self._called("generate_steps", prefixes, n)
         out = []
         for prefix in prefixes:
             prefix = tuple(prefix)
@@ -136,9 +76,7 @@ class FakeArithmeticPolicy:
 
     async def complete(self, prefixes: Sequence[Sequence[int]], n: int,
                        params: StepParams) -> list[list[Completion]]:
-        self.calls.append(("complete", [tuple(p) for p in prefixes], n))
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        await self._called("complete", prefixes, n)
         out = []
         for prefix in prefixes:
             prefix = tuple(prefix)
@@ -159,6 +97,11 @@ class FakeArithmeticPolicy:
             out.append(samples)
         return out
 
+    async def _called(self, kind: str, prefixes: Sequence[Sequence[int]], n: int) -> None:
+        self.calls.append((kind, [tuple(p) for p in prefixes], n))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+
     def _usage(self, prefix: tuple[int, ...]) -> tuple[int, int]:
         shared = max((_common_prefix(prefix, s) for s in self._cache), default=0)
         return len(prefix), min(shared, len(prefix) - 1)
@@ -166,10 +109,10 @@ class FakeArithmeticPolicy:
     def _next_step(self, prefix: tuple[int, ...], rng: random.Random, params: StepParams,
                    max_tokens: int) -> Step:
         tok = load_testbed_tokenizer()
-        terms, lines, answered = _problem_and_steps(tok.decode(prefix))
+        terms, lines, answered = problem_and_steps(tok.decode(prefix))
         if answered:
             raise ValueError("prefix already holds an answer")
-        walk = _Walk(terms)
+        walk = RunningSum(terms)
         for line in lines:
             walk.step(line)
         unused = walk.unused
@@ -215,21 +158,12 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-class FakeArithmeticPRM:
-    """A StepScorer over the testbed task that scores like a PRM trained on Monte-Carlo
-    rollout labels of FakeArithmeticPolicy: a step that keeps the trace on track (every
-    step so far added the problem's own terms correctly) scores the chance that the policy
-    finishes without a mistake from there, (1 - step_error) ** additions_left; the right
-    answer scores 1; any step after the trace went off track, or a wrong answer, scores
-    `bad`. It is a perfect judge of correctness: on-track steps always outscore `bad`.
-
-    `delay_s` makes each call sleep (to exercise batching and failures in the PRM pool);
-    `calls` records the number of traces of every call.
-    """
+class FakeArithmeticPRM(OraclePRM):
+    """OraclePRM that tests can watch: `delay_s` makes each call sleep (to exercise batching
+    and failures in the PRM pool); `calls` records the number of traces of every call."""
 
     def __init__(self, step_error: float = 0.3, bad: float = 0.0, delay_s: float = 0.0):
-        self.step_error = step_error
-        self.bad = bad
+        super().__init__(step_error, bad)
         self.delay_s = delay_s
         self.calls: list[int] = []
 
@@ -237,25 +171,7 @@ class FakeArithmeticPRM:
         self.calls.append(len(traces))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        return [self.score_trace(t) for t in traces]
-
-    def score_trace(self, trace: Trace) -> list[float]:
-        tok = load_testbed_tokenizer()
-        terms, _, _ = _problem_and_steps(tok.decode(trace.prompt_ids))
-        walk = _Walk(terms)
-        scores = []
-        for step in trace.steps:
-            line = step.text.strip("\n")
-            if step.finished or task.THINK_END in line:
-                right = walk.on_track and task.extract_answer(step.text) == sum(terms)
-                scores.append(1.0 if right else self.bad)
-                continue
-            walk.step(line.removesuffix(task.STEP_TAG))
-            if walk.on_track:
-                scores.append((1.0 - self.step_error) ** max(len(walk.unused), 0))
-            else:
-                scores.append(self.bad)
-        return scores
+        return await super().score(traces)
 
 
 class RecordingGenerator:
