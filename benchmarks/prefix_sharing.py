@@ -72,9 +72,9 @@ def main() -> None:
 
     from ttc_vllm.engine import make_llm
     from ttc_vllm.engine_offline import OfflineStepGenerator
-    from ttc_vllm.prm.scorers import PRMConfig, make_scorer
+    from ttc_vllm.prm.scorers import make_scorer
     from ttc_vllm.search import SearchOptions, run_search
-    from ttc_vllm.testbed import policy_path, task
+    from ttc_vllm.testbed import policy_path, prm_scorer_config, task
     from ttc_vllm.testbed.task import STEP_TAG
     from ttc_vllm_plugins.kv_accounting import PEAK_FILE_ENV, SCHEDULER_CLS, read_peak
 
@@ -89,7 +89,7 @@ def main() -> None:
                        kv_cache_memory_bytes=256 << 20, max_num_seqs=256, **extra)
         arms[name] = {"llm": llm, "gen": OfflineStepGenerator(llm, STEP_TAG), "peak_file": peak_file}
     os.environ.pop(PEAK_FILE_ENV, None)
-    scorer = make_scorer(PRMConfig.testbed(engine_kwargs={"kv_cache_memory_bytes": 256 << 20}))
+    scorer = make_scorer(prm_scorer_config(engine_kwargs={"kv_cache_memory_bytes": 256 << 20}))
     tokenizer = arms["on"]["llm"].get_tokenizer()
     block_size = arms["on"]["llm"].llm_engine.vllm_config.cache_config.block_size
     opts = SearchOptions(strategy="beam", n=a.n, beam_width=a.beam_width)

@@ -50,7 +50,7 @@ def main() -> None:
 
     from ttc_vllm.prm.label import read_jsonl
     from ttc_vllm.prm.scorers import PolicySurpriseScorer, PRMConfig, VLLMPoolingPRM
-    from ttc_vllm.testbed import policy_path, prm_path
+    from ttc_vllm.testbed import policy_path, prm_path, prm_scorer_config
     from ttc_vllm.testbed.train_prm import evaluate, held_out, traces_from_rows
 
     shipped = json.loads((Path(prm_path()) / "training.json").read_text())
@@ -65,7 +65,7 @@ def main() -> None:
     print(f"{len(data)} held-out traces, {sum(len(d.exact) for d in data)} steps", flush=True)
 
     t0 = time.time()
-    prm = VLLMPoolingPRM(PRMConfig.testbed(engine_kwargs={"kv_cache_memory_bytes": 256 << 20,
+    prm = VLLMPoolingPRM(prm_scorer_config(engine_kwargs={"kv_cache_memory_bytes": 256 << 20,
                                                           "max_model_len": 512}))
     signals = {"shipped PRM": prm.score_sync(traces)}
     cc.shutdown(prm.llm)

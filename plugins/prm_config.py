@@ -42,10 +42,11 @@ class PRMConfigError(ValueError):
 def prm_config(source: str | None = None):
     """PRMConfig from JSON text or a JSON file path (default: the testbed PRM)."""
     from ttc_vllm.prm.scorers import PRMConfig
+    from ttc_vllm.testbed import prm_scorer_config
 
     source = source if source is not None else os.environ.get(PRM_CONFIG_ENV, "")
     if not source.strip():
-        return PRMConfig.testbed()
+        return prm_scorer_config()
     text = source if source.lstrip().startswith("{") else Path(source).read_text()
     try:
         return PRMConfig.model_validate(json.loads(text))

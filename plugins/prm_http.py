@@ -28,6 +28,7 @@ class HTTPPoolingPRM:
 
         self.url = url.rstrip("/")
         self.config = config
+        self.step_tag = config.require_step_tag()
         self.tokenizer = tokenizer  # the policy's (= the PRM's) tokenizer, for the tag and EOS
         self.client = client or httpx.AsyncClient(timeout=timeout_s)
         self._tag_id: int | None = None
@@ -40,14 +41,14 @@ class HTTPPoolingPRM:
             self._model = r.json()["data"][0]["id"]
         if self._tag_id is None:
             if self.tokenizer is not None:
-                ids = self.tokenizer.encode(self.config.step_tag, add_special_tokens=False)
+                ids = self.tokenizer.encode(self.step_tag, add_special_tokens=False)
             else:
                 r = await self.client.post(f"{self.url}/tokenize", json={
-                    "model": self._model, "prompt": self.config.step_tag, "add_special_tokens": False})
+                    "model": self._model, "prompt": self.step_tag, "add_special_tokens": False})
                 r.raise_for_status()
                 ids = r.json()["tokens"]
             if len(ids) != 1:
-                raise ValueError(f"step tag {self.config.step_tag!r} is {len(ids)} tokens, not one")
+                raise ValueError(f"step tag {self.step_tag!r} is {len(ids)} tokens, not one")
             self._tag_id = int(ids[0])
         return self._tag_id, self._model
 

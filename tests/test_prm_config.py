@@ -9,8 +9,8 @@ import math
 import httpx
 import pytest
 
-from ttc_vllm.prm.scorers import PRMConfig
 from ttc_vllm.search.protocols import Step, Trace
+from ttc_vllm.testbed import prm_scorer_config
 from ttc_vllm.testbed.oracle_prm import OraclePRM
 from ttc_vllm_plugins.prm_config import PRMConfigError, prm_config, scorer_from_env
 from ttc_vllm_plugins.prm_http import HTTPPoolingPRM
@@ -40,7 +40,7 @@ def test_bad_python_factories_fail_at_start_up(spec, match):
 
 
 def test_prm_config_defaults_to_the_testbed_and_validates_json(tmp_path):
-    assert prm_config("").model == PRMConfig.testbed().model
+    assert prm_config("").model == prm_scorer_config().model
     path = tmp_path / "prm.json"
     path.write_text(json.dumps({"kind": "pooling", "model": "/models/prm", "step_tag": "<extra_0>"}))
     assert prm_config(str(path)).step_tag == "<extra_0>"
@@ -77,7 +77,7 @@ def test_http_scorer_maps_pooled_rows_to_steps():
         return httpx.Response(200, json={"data": list(reversed(data))})
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    scorer = HTTPPoolingPRM("http://prm:8000/", PRMConfig.testbed(model="m"), Tok(), client=client)
+    scorer = HTTPPoolingPRM("http://prm:8000/", prm_scorer_config(model="m"), Tok(), client=client)
     traces = [Trace((5, 6), (Step((10, TAG), "a", False), Step((11, EOS), "b", True))),
               Trace((5,), ()),
               Trace((5, TAG), (Step((12,), "c", True),))]  # a tag in the prompt is not a step

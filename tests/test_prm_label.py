@@ -4,15 +4,14 @@ import asyncio
 
 import pytest
 
-from ttc_vllm.prm import label as lbl  # module access: pytest would collect test*-named imports
-from ttc_vllm.prm.label import (
-    mc_label, parse_tiers, read_jsonl, summarize, training_problems, write_jsonl,
-)
 from tests.fakes import FakeArithmeticPolicy, RecordingGenerator
-from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
+from ttc_vllm.prm.label import mc_label, read_jsonl, summarize, write_jsonl
 from ttc_vllm.search.protocols import StepParams
+from ttc_vllm.testbed import prm_data as lbl  # module access: pytest would collect test*-named imports
 from ttc_vllm.testbed import task
+from ttc_vllm.testbed.prm_data import parse_tiers, training_problems
 from ttc_vllm.testbed.task import STEP_TAG
+from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
 
 P = task.Problem((5, 7, 9))
 TASK = lbl.TestbedLabelTask(load_testbed_tokenizer())

@@ -20,7 +20,7 @@ from ttc_vllm.prm.scorers import (
 )
 from ttc_vllm.testbed.tokenizer import load_testbed_tokenizer
 from ttc_vllm.search.protocols import Step, StepScorer, Trace
-from ttc_vllm.testbed import task
+from ttc_vllm.testbed import prm_scorer_config, task
 
 TOK = load_testbed_tokenizer()
 TAG = TOK.convert_tokens_to_ids(task.STEP_TAG)
@@ -84,7 +84,7 @@ def test_a_prm_that_declares_its_dtype_gets_it_and_refuses_another(tmp_path):
 
 
 def test_the_shipped_testbed_prm_runs_in_float32():
-    assert pooling_llm_kwargs(PRMConfig.testbed())["dtype"] == "float32"
+    assert pooling_llm_kwargs(prm_scorer_config())["dtype"] == "float32"
 
 
 def test_pooling_kwargs_per_kind():
@@ -118,7 +118,7 @@ def test_token_id_of():
 
 def test_chat_input_renders_question_and_tagged_steps():
     cfg = PRMConfig(kind="pooling", model="m", input_format="chat", question_pattern=r"Q: (.*?)\n",
-                    step_delimiter="<step>")
+                    step_tag=task.STEP_TAG, step_delimiter="<step>")
     x = chat_input(TRACE, cfg, TOK, TOK, TAG)
     # testbed chat template: bos + "Q: {user}\n" + assistant content
     expected = enc("<s>Q: 3+4=?\n3+4=7<step></think>\nAnswer: 7<step>")
@@ -169,7 +169,7 @@ class FakePoolingLLM:
 
 def test_scorer_one_batched_call_one_score_per_step():
     llm = FakePoolingLLM()
-    scorer = make_scorer(PRMConfig.testbed(model="unused"), llm=llm)
+    scorer = make_scorer(prm_scorer_config(model="unused"), llm=llm)
     assert isinstance(scorer, VLLMPoolingPRM) and isinstance(scorer, StepScorer)
     short = Trace(PROMPT, (step("\n3+4=7<step>"),))
     scores = asyncio.run(scorer.score([TRACE, Trace(PROMPT), short]))
@@ -185,7 +185,7 @@ def test_scorer_one_batched_call_one_score_per_step():
 
 def test_kind_mismatch_is_rejected():
     with pytest.raises(ValueError, match="kind 'token_label'"):
-        TokenLabelPRM(PRMConfig.testbed(model="unused"), llm=FakePoolingLLM())
+        TokenLabelPRM(prm_scorer_config(model="unused"), llm=FakePoolingLLM())
 
 
 def test_surprise_scores_hand_computed():
@@ -205,7 +205,7 @@ def test_policy_surprise_kind_and_dispatch():
     scorer = make_scorer(cfg, llm=object())
     assert isinstance(scorer, PolicySurpriseScorer) and isinstance(scorer, StepScorer)
     with pytest.raises(ValueError, match="kind 'policy_surprise'"):
-        PolicySurpriseScorer(PRMConfig.testbed(model="unused"), llm=object())
+        PolicySurpriseScorer(prm_scorer_config(model="unused"), llm=object())
     assert scorer.score_sync([Trace(PROMPT)]) == [[]]   # nothing to send
 
 
@@ -246,7 +246,7 @@ def test_vllm_pooling_prm_matches_torch(tmp_path_factory, policy_dir):
             p.add_(0.02 * torch.randn_like(p))
     out = tmp_path_factory.mktemp("prm")
     save(model, config, policy_dir, out)
-    scorer = VLLMPoolingPRM(PRMConfig.testbed(model=str(out), engine_kwargs=ENGINE))
+    scorer = VLLMPoolingPRM(prm_scorer_config(model=str(out), engine_kwargs=ENGINE))
     try:
         got = scorer.score_sync(ENGINE_TRACES)
     finally:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ttc_vllm.search import STRATEGIES, SearchOptions, StepParams, Trace, run_search
-from ttc_vllm.testbed import prm_path, task
+from ttc_vllm.testbed import prm_path, prm_scorer_config, task
 from ttc_vllm.testbed.task import STEP_TAG
 
 ray = pytest.importorskip("ray")
@@ -25,10 +25,10 @@ def test_the_testbed_prm_is_shipped():
 @pytest.fixture(scope="module")
 def prm_pool():
     from ttc_vllm.prm.pool import PRMPool, init_ray
-    from ttc_vllm.prm.scorers import PRMConfig, make_scorer
+    from ttc_vllm.prm.scorers import make_scorer
 
     init_ray(ray, "local", include_dashboard=False, num_cpus=2, log_to_driver=False)   # loopback only
-    config = PRMConfig.testbed(engine_kwargs={"kv_cache_memory_bytes": 128 << 20})
+    config = prm_scorer_config(engine_kwargs={"kv_cache_memory_bytes": 128 << 20})
     pool = PRMPool(1, functools.partial(make_scorer, config), max_batch=64, max_restarts=2,
                    max_task_retries=2, actor_options={"num_cpus": 1}, ready_timeout_s=300)
     yield pool
@@ -54,7 +54,7 @@ def test_served_prm_ranks_right_steps_above_wrong_ones(generator, prm_pool, toke
     """The shipped PRM, served by vLLM in a Ray actor, on fresh policy traces of unseen
     problems: step-level AUC against the testbed's exact ground truth (0.875 on the training
     run's held-out split; 0.78 leaves room for a sample of ~70 traces)."""
-    from ttc_vllm.prm.label import testbed_prefix_correct
+    from ttc_vllm.testbed.prm_data import testbed_prefix_correct
     from ttc_vllm.testbed.train_prm import roc_auc
 
     problems = task.generate("hard", 24, seed=61)

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_main(argv[1:]) or 0
     if argv[:2] == ["job", "prm-data"]:
-        from ttc_vllm.prm.label import prm_data_main
+        from ttc_vllm.testbed.prm_data import prm_data_main
 
         prm_data_main(argv[2:])
         return 0

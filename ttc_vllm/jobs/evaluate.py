@@ -142,12 +142,12 @@ def prm_config_from(source: str | None):
     """(identity, PRMConfig) of --prm-config (JSON text or a file), or of the shipped testbed
     PRM; (None, None) when there is none."""
     from ttc_vllm.prm.scorers import PRMConfig
-    from ttc_vllm.testbed import prm_recipe_path
+    from ttc_vllm.testbed import prm_recipe_path, prm_scorer_config
 
     if source is None:
         if not (prm_recipe_path() / "config.json").exists():
             return None, None
-        return TESTBED_PRM, PRMConfig.testbed()
+        return TESTBED_PRM, prm_scorer_config()
     try:
         text = source if source.lstrip().startswith("{") else Path(source).read_text()
         config = PRMConfig.model_validate(json.loads(text))

@@ -44,7 +44,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ttc_vllm.engine import REQUIRED_DTYPE_KEY
 from ttc_vllm.search.protocols import Trace
-from ttc_vllm.testbed.task import STEP_TAG
 
 QWEN_MATH_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_CHAT_USER_PATTERN = r"<\|im_start\|>user\n(.*?)<\|im_end\|>"
@@ -55,7 +54,9 @@ class PRMConfig(BaseModel):
 
     kind: Literal["pooling", "token_label", "policy_surprise"]
     model: str = Field(min_length=1)  # path or hub id (policy_surprise: the policy)
-    step_tag: str = Field(STEP_TAG, min_length=1)  # a single token of the PRM's vocabulary
+    # The single token of the PRM's vocabulary that closes each step ("<extra_0>" for
+    # Qwen2.5-Math-PRM). None: no step tag, which only policy_surprise can do without.
+    step_tag: str | None = Field(None, min_length=1)
     good_label: int = Field(1, ge=0)  # pooling: column of the "good" class
     # token_label: the good/bad tokens, as vocabulary entries ("+") or token ids
     good_token: str | int | None = None
@@ -100,15 +101,12 @@ class PRMConfig(BaseModel):
         values.update(overrides)
         return cls(**values)
 
-    @classmethod
-    def testbed(cls, model: str | None = None, **overrides: Any) -> "PRMConfig":
-        """The shipped testbed PRM (Qwen2ForProcessRewardModel on the testbed tokenizer)."""
-        from ttc_vllm.testbed import prm_path
-
-        values: dict[str, Any] = dict(kind="pooling", model=str(model or prm_path()),
-                                      step_tag=STEP_TAG, good_label=1, input_format="token_ids")
-        values.update(overrides)
-        return cls(**values)
+    def require_step_tag(self) -> str:
+        """The step tag, for the scorers that pool at it (pooling, token_label)."""
+        if self.step_tag is None:
+            raise ValueError(f"a {self.kind!r} PRM needs step_tag: the single token of its "
+                             "vocabulary that closes each step")
+        return self.step_tag
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -173,19 +171,20 @@ def chat_input(trace: Trace, config: PRMConfig, prm_tokenizer, policy_tokenizer,
     followed by the tag; the last len(steps) tags close the steps."""
     prompt_text = policy_tokenizer.decode(list(trace.prompt_ids), skip_special_tokens=False)
     question = extract_question(prompt_text, config.question_pattern)
-    steps = [clean_step_text(s.text, config.step_delimiter, config.step_tag) for s in trace.steps]
+    tag = config.require_step_tag()
+    steps = [clean_step_text(s.text, config.step_delimiter, tag) for s in trace.steps]
     messages = []
     if config.system_prompt is not None:
         messages.append({"role": "system", "content": config.system_prompt})
     messages.append({"role": "user", "content": question})
     messages.append({"role": "assistant",
-                     "content": "".join(s + config.step_tag for s in steps)})
+                     "content": "".join(s + tag for s in steps)})
     text = prm_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     ids = list(prm_tokenizer.encode(text, add_special_tokens=False))
     tags = [i for i, t in enumerate(ids) if t == tag_id]
     if len(tags) < len(steps):
         raise ValueError(f"PRM input holds {len(tags)} step tags for {len(steps)} steps; "
-                         f"is {config.step_tag!r} a single token of the PRM?")
+                         f"is {tag!r} a single token of the PRM?")
     return PRMInput(ids, tags[len(tags) - len(steps):] if steps else [])
 
 
@@ -298,9 +297,10 @@ class _PoolingScorer(_EngineScorer):
     good_column: int
 
     def __init__(self, config: PRMConfig, llm=None):
+        tag = config.require_step_tag()  # before an engine starts
         super().__init__(config, llm)
         self.tokenizer = self.llm.get_tokenizer()
-        self.tag_id = token_id_of(self.tokenizer, config.step_tag)
+        self.tag_id = token_id_of(self.tokenizer, tag)
         self.eos_id = getattr(self.tokenizer, "eos_token_id", None)
         self._policy_tokenizer = None
 

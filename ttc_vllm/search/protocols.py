@@ -85,8 +85,9 @@ class StepParams:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 256  # per step in generate_steps, per whole continuation in complete
-    # Where a step ends. None: the generator's default (the testbed's <step> token; "\n\n" is
-    # the usual choice for real models). The delimiter is kept in the step's tokens.
+    # Where a step ends. None: the default the generator was built with (the testbed passes
+    # its <step> token; "\n\n" is the usual choice for real models). The delimiter is kept
+    # in the step's tokens.
     step_delimiter: str | None = None
     confidence: bool = False  # fill Step.mean_confidence (costs top-k logprobs in the engine)
     # The request's in-engine thinking controls for every engine request of the call: the

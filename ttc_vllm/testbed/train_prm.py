@@ -330,10 +330,11 @@ def save(model, config, policy_dir: Path, out: Path) -> None:
 
 def verify_in_vllm(out: Path, model, inputs, traces: list[Trace], pad_id: int) -> dict[str, Any]:
     """Score traces with the saved PRM in vLLM and compare with the torch forward."""
-    from ttc_vllm.prm.scorers import PRMConfig, VLLMPoolingPRM
+    from ttc_vllm.prm.scorers import VLLMPoolingPRM
+    from ttc_vllm.testbed import prm_scorer_config
 
     t0 = time.perf_counter()
-    scorer = VLLMPoolingPRM(PRMConfig.testbed(
+    scorer = VLLMPoolingPRM(prm_scorer_config(
         model=str(out), engine_kwargs={"kv_cache_memory_bytes": 256 << 20, "max_model_len": 512}))
     vllm_scores = scorer.score_sync(traces)
     torch_scores = predict(model, inputs, pad_id)
