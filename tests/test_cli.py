@@ -28,3 +28,11 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, needle, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "ttc_vllm.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout
+
+
+def test_serve_comes_from_the_plugins_by_entry_point():
+    from ttc_vllm.cli import registered_commands
+
+    assert registered_commands()["serve"].value == "ttc_vllm_plugins.serve:serve_main"
+    out = subprocess.run([sys.executable, "-m", "ttc_vllm.cli", "--help"], capture_output=True, text=True)
+    assert "serve" in out.stdout

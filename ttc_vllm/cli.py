@@ -1,13 +1,17 @@
-"""`ttc-vllm` command line: demo, testbed training, calibration, serving, jobs, options reference.
+"""`ttc-vllm` command line: demo, testbed training, calibration, jobs, options reference, and
+the subcommands other packages register (`serve`, from the plugins).
 
 Bad arguments end with one line on stderr and exit code 2; vLLM is imported only by the
-subcommands that need it, so `ttc-vllm --help` is instant.
+subcommands that need it, so `ttc-vllm --help` is instant. A registered subcommand is an
+entry point of the group `ttc_vllm.commands` (NAME = "module:function"): `ttc-vllm NAME ARGS`
+calls function(ARGS), which parses its own arguments.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from ttc_vllm.testbed.task import TIERS
@@ -146,6 +150,14 @@ def _add_job_evaluate(job_sub) -> None:
                           "including waiting for a joined cluster to add the resources they need")
 
 
+COMMANDS_GROUP = "ttc_vllm.commands"
+
+
+def registered_commands() -> dict[str, EntryPoint]:
+    """Subcommands installed packages register (for example `serve`, by ttc_vllm_plugins)."""
+    return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
+
+
 DEFAULT_OPTIONS_REFERENCE = str(Path(__file__).with_name("OPTIONS.md"))
 
 
@@ -202,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="instead of printing, exit 1 if PATH (default: ttc_vllm/OPTIONS.md) is stale")
 
     sub.add_parser("calibrate", help="pick a halting threshold from warm-up traces", add_help=False)
-    sub.add_parser("serve", help="vllm serve with the ttc-vllm plugin enabled (same arguments)", add_help=False)
+    for name, ep in sorted(registered_commands().items()):
+        if name not in sub.choices:
+            sub.add_parser(name, help=f"from {ep.module} (its own arguments)", add_help=False)
     return ap
 
 
@@ -213,10 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         from ttc_vllm.calibrate import calibrate_main
 
         return calibrate_main(argv[1:]) or 0
-    if argv[:1] == ["serve"]:
-        from ttc_vllm_plugins.serve import serve_main
-
-        return serve_main(argv[1:]) or 0
+    commands = registered_commands()
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]].load()(argv[1:]) or 0
     if argv[:2] == ["job", "prm-data"]:
         from ttc_vllm.testbed.prm_data import prm_data_main
 
