@@ -35,7 +35,6 @@ a margin).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -43,12 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from common import RESULTS, bootstrap_interval, save_figure, style_accuracy_vs_tokens, write_result  # noqa: E402
-from search_scaling import load_records, run_job  # noqa: E402
-
-from ttc_vllm.search.aggregate import aggregate_step_scores, decide, leading_share  # noqa: E402
+from benchmarks import harness
+from benchmarks.search_scaling import load_records, run_job
+from ttc_vllm.search.aggregate import aggregate_step_scores, decide, leading_share
 
 N = 16
 BOOTSTRAP = 2000
@@ -131,7 +130,7 @@ def calibrate(a, controls: dict) -> None:
               and x["loss_points"] <= a.select_loss + 1e-9]
         chosen[name] = max(ok, key=lambda x: x["tokens_saved"]) if ok else None
         print(f"chosen ({name}): {chosen[name]}")
-    path = write_result(a.result_name, {
+    path = harness.write_result(a.result_name, {
         "tiers": a.tiers.split(","), "problems_per_tier": a.problems, "seed": a.seed, "n": N,
         "folders": [str(f) for f in folders], "problems": len(keys),
         "controls": controls, "select_loss_points": a.select_loss,
@@ -139,14 +138,8 @@ def calibrate(a, controls: dict) -> None:
     print(f"wrote {path}")
 
 
-def paired_ci(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> list[float]:
-    """95 % bootstrap interval of mean(a - b) in points, over problems."""
-    lo, hi = bootstrap_interval(a.astype(float) - b.astype(float), resamples=BOOTSTRAP, rng=rng)
-    return [round(100 * lo, 2), round(100 * hi, 2)]
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--tiers", default="medium,hard")
     ap.add_argument("--problems", type=int, default=100, help="problems per tier")
     ap.add_argument("--seed", type=int, default=30_000, help="testbed problem seed (default: a fresh slice)")
@@ -223,7 +216,7 @@ def main() -> None:
             rows.append(dict(tier=tier, arm=label, problems=len(ks), accuracy=float(ok.mean()), tokens=tokens,
                              traces=traces, tokens_saved=1 - tokens / base_tokens,
                              loss_points=100 * float(base_ok.mean() - ok.mean()),
-                             vs_majority16_ci95_points=paired_ci(ok, base_ok, rng)))
+                             vs_majority16_ci95_points=harness.paired_interval(ok, base_ok, BOOTSTRAP, rng)))
     print(f"\n{len(keys)} problems ({', '.join(map(str, folders))}); tokens = generated tokens per problem, "
           "every sampled trace")
     print(f"controls: {a.controls}\nadaptive: {a.adaptive}")
@@ -239,14 +232,14 @@ def main() -> None:
                             met=r["tokens_saved"] >= 0.60 and r["loss_points"] <= 1.0 + 1e-9)
         print(f"target ({arm}): >= 60% fewer tokens than majority@16 at <= 1 point loss -> "
               f"saved {r['tokens_saved']:.1%}, loss {r['loss_points']:.1f}: {'MET' if verdict[arm]['met'] else 'NOT MET'}")
-    path = write_result(a.result_name, {
+    path = harness.write_result(a.result_name, {
         "tiers": tiers, "problems_per_tier": a.problems, "seed": a.seed, "n": N, "temperature": 0.8,
         "folders": [str(f) for f in folders], "problems": len(keys),
         "controls": controls, "adaptive": adaptive, "rows": rows, "bootstrap": BOOTSTRAP,
         "target": {"tokens_saved_min": 0.60, "loss_points_max": 1.0, "verdict": verdict},
         "seconds": {**seconds, "total": round(time.time() - t0, 1)}})
-    plot(rows, tiers, RESULTS / f"{a.result_name}.png")
-    print(f"wrote {path} and {RESULTS / (a.result_name + '.png')}")
+    plot(rows, tiers, harness.RESULTS / f"{a.result_name}.png")
+    print(f"wrote {path} and {harness.RESULTS / (a.result_name + '.png')}")
 
 
 def plot(rows, tiers, path) -> None:
@@ -263,8 +256,8 @@ def plot(rows, tiers, path) -> None:
             marker, color = style[r["arm"]]
             ax.scatter([r["tokens"]], [100 * r["accuracy"]], marker=marker, color=color, s=80 if marker == "*" else 50,
                        label=f"{r['arm']} ({100 * r['tokens_saved']:.0f}% fewer)", zorder=5)
-        style_accuracy_vs_tokens(ax, tier)
-    save_figure(fig, path)
+        harness.style_accuracy_vs_tokens(ax, tier, legend_size=6.5)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

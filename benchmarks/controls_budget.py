@@ -18,13 +18,16 @@ cap (must be 0). Prints tables, writes benchmarks/results/controls_budget.json a
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-import controls_common as cc
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from benchmarks import harness
 
 # Conclusion modes: the text forced before `</think>` (None: nothing); "default" is the options' default.
 CONCLUSIONS: dict[str, str | None] = {"none": None, "step": "<step>\n", "default": None}
@@ -43,10 +46,10 @@ def budget_label(b: int | None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cc.add_engine_args(ap)
+    ap = harness.parser(__doc__)
+    harness.add_engine_args(ap)
     ap.add_argument("--problems", type=int, default=100, help="problems per tier")
-    ap.add_argument("--tiers", default=",".join(cc.TIERS))
+    ap.add_argument("--tiers", default=",".join(harness.TIERS))
     ap.add_argument("--budgets", default="0,8,16,32,48,64,96,112,128,160,192,224,256,none")
     ap.add_argument("--conclusions", default="none,step,default",
                     help="comma list of conclusion modes: none (bare </think>), step (<step>\\n), default (the phrase)")
@@ -66,8 +69,8 @@ def main() -> None:
         if m not in CONCLUSIONS:
             raise SystemExit(f"--conclusions: unknown mode {m!r} ({', '.join(CONCLUSIONS)})")
     t0 = time.time()
-    llm = cc.make_engine(a)
-    ids = cc.Ids.of(llm)
+    llm = harness.make_engine(a)
+    ids = harness.Ids.of(llm)
     tok = llm.get_tokenizer()
     conc_text = {**CONCLUSIONS, "default": DEFAULT_CONCLUSION}
     conc_len = {m: len(tok.encode(t, add_special_tokens=False)) if t else 0 for m, t in conc_text.items()}
@@ -85,7 +88,7 @@ def main() -> None:
                     if mode != "default":
                         ttc["conclusion"] = conc_text[mode]
                 reqs.append(prompt(p))
-                meta.append((tier, p, mode, b, cc.params(ttc, temperature=0.0, max_tokens=a.max_tokens)))
+                meta.append((tier, p, mode, b, harness.params(ttc, temperature=0.0, max_tokens=a.max_tokens)))
     print(f"{len(reqs)} greedy requests ({len(tiers)} tiers x {a.problems} problems x {len(arms)} arms)", flush=True)
     t1 = time.time()
     outs = llm.generate(reqs, [m[4] for m in meta], use_tqdm=False)
@@ -95,8 +98,8 @@ def main() -> None:
     for (tier, p, mode, b, _), out in zip(meta, outs):
         o = out.outputs[0]
         tids = list(o.token_ids)
-        think = cc.all_think_len(tids, ids)
-        first = cc.first_think_len(tids, ids)
+        think = harness.all_think_len(tids, ids)
+        first = harness.first_think_len(tids, ids)
         c = cells.setdefault((mode, budget_label(b), tier), dict(n=0, correct=0, think=0, tokens=0, cut=0,
                                                                  over=0, no_answer=0))
         c["n"] += 1
@@ -143,34 +146,34 @@ def main() -> None:
         for b in budgets:
             key = (mode, budget_label(b)) if b is not None else ("uncapped", "none")
             rs = [by[(*key, t)] for t in tiers]
-            trs.append([budget_label(b)] + [cc.pct(r["accuracy"]) for r in rs]
+            trs.append([budget_label(b)] + [harness.pct(r["accuracy"]) for r in rs]
                        + [f"{r['mean_thinking_tokens']:.1f}" for r in rs]
-                       + [cc.pct(r["cut_share"]) for r in rs] + [sum(r["over_cap"] for r in rs)])
-        print(cc.table(head, trs))
+                       + [harness.pct(r["cut_share"]) for r in rs] + [sum(r["over_cap"] for r in rs)])
+        print(harness.table(head, trs))
     print("\nsmallest budget within 1 point of uncapped accuracy:")
-    print(cc.table(["conclusion", "tier", "uncapped acc", "uncapped think", "budget", "acc", "think", "saved"],
-                   [[s["conclusion"], s["tier"], cc.pct(s["uncapped_accuracy"]), f"{s['uncapped_thinking']:.1f}",
-                     s["flat_budget"], cc.pct(s["accuracy_at_flat"]) if s["accuracy_at_flat"] is not None else "-",
+    print(harness.table(["conclusion", "tier", "uncapped acc", "uncapped think", "budget", "acc", "think", "saved"],
+                   [[s["conclusion"], s["tier"], harness.pct(s["uncapped_accuracy"]), f"{s['uncapped_thinking']:.1f}",
+                     s["flat_budget"], harness.pct(s["accuracy_at_flat"]) if s["accuracy_at_flat"] is not None else "-",
                      f"{s['thinking_at_flat']:.1f}" if s["thinking_at_flat"] is not None else "-",
-                     cc.pct(s["thinking_saved_at_flat"]) if s["thinking_saved_at_flat"] is not None else "-"]
+                     harness.pct(s["thinking_saved_at_flat"]) if s["thinking_saved_at_flat"] is not None else "-"]
                     for s in summary]))
     print(f"\nrequests over their thinking cap: {over_total} of {capped_requests} capped requests")
     print(f"generation {gen_s:.1f}s for {len(reqs)} requests")
 
-    path = cc.write_result("controls_budget", {
-        "model": cc.model_name(a), "problems_per_tier": a.problems, "seed": seed, "decoding": "greedy",
+    path = harness.write_result("controls_budget", {
+        "model": harness.model_name(a), "problems_per_tier": a.problems, "seed": seed, "decoding": "greedy",
         "max_tokens": a.max_tokens, "budgets": [budget_label(b) for b in budgets], "conclusions": modes,
         "conclusion_tokens": {m: conc_len[m] for m in modes}, "cells": rows, "summary": summary,
         "requests_over_cap": over_total, "capped_requests": capped_requests,
         "generate_seconds": round(gen_s, 1), "seconds": round(time.time() - t0, 1),
     })
-    plot(rows, tiers, budgets, modes, cc.RESULTS / "controls_budget.png", a.problems)
-    print(f"wrote {path} and {cc.RESULTS / 'controls_budget.png'}")
-    cc.shutdown(llm)
+    plot(rows, tiers, budgets, modes, harness.RESULTS / "controls_budget.png", a.problems)
+    print(f"wrote {path} and {harness.RESULTS / 'controls_budget.png'}")
+    harness.shutdown(llm)
 
 
 def plot(rows, tiers, budgets, modes, path, problems) -> None:
-    plt = cc.pyplot()
+    plt = harness.pyplot()
     by = {(r["conclusion"], r["budget"], r["tier"]): r for r in rows}
     finite = [b for b in budgets if b is not None]
     x_none = (max(finite) * 1.5) if finite else 1
@@ -197,7 +200,7 @@ def plot(rows, tiers, budgets, modes, path, problems) -> None:
     ax1.set_title(f"accuracy vs budget ({problems}/tier)")
     ax2.set_title("thinking tokens actually used")
     ax2.legend(fontsize=7, loc="upper left")
-    cc.save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

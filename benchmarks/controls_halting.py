@@ -25,12 +25,16 @@ benchmarks/results/controls_halting.json and .png.
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-import controls_common as cc
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks import harness
 
 SIGNAL_OF = {"token_confidence": "token_confidence", "group_confidence": "token_confidence",
              "entropy": "entropy"}   # per-token r each halting signal is built from
@@ -113,7 +117,7 @@ def run_traces(llm, problems, ttc: dict | None, max_tokens: int, logprobs: int |
     kw = dict(temperature=0.0, max_tokens=max_tokens)
     if logprobs:
         kw["logprobs"] = logprobs
-    return llm.generate([prompt(p) for _, p in problems], cc.params(ttc, **kw), use_tqdm=False)
+    return llm.generate([prompt(p) for _, p in problems], harness.params(ttc, **kw), use_tqdm=False)
 
 
 def summarize(problems, outs, ids) -> dict:
@@ -127,7 +131,7 @@ def summarize(problems, outs, ids) -> dict:
         d = per.setdefault(tier, dict(n=0, correct=0, think=0, tokens=0))
         d["n"] += 1
         d["correct"] += extract_answer(o.text) == p.answer
-        d["think"] += cc.all_think_len(tids, ids)
+        d["think"] += harness.all_think_len(tids, ids)
         d["tokens"] += len(tids)
     per["all"] = {k: sum(d[k] for t, d in per.items()) for k in ("n", "correct", "think", "tokens")}
     return {t: dict(problems=d["n"], accuracy=d["correct"] / d["n"], mean_thinking=d["think"] / d["n"],
@@ -149,11 +153,11 @@ def compare(base: dict, arm: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cc.add_engine_args(ap)
+    ap = harness.parser(__doc__)
+    harness.add_engine_args(ap)
     ap.add_argument("--problems", type=int, default=200, help="evaluation problems per tier")
     ap.add_argument("--cal-problems", type=int, default=100, help="calibration problems per tier")
-    ap.add_argument("--tiers", default=",".join(cc.TIERS))
+    ap.add_argument("--tiers", default=",".join(harness.TIERS))
     ap.add_argument("--signals", default="token_confidence,group_confidence,entropy")
     ap.add_argument("--aggregates", default="tail,mean,min")
     ap.add_argument("--windows", default="1,2,4,8,16,32,64")
@@ -175,8 +179,8 @@ def main() -> None:
 
     t0 = time.time()
     tiers = [t.strip() for t in a.tiers.split(",") if t.strip()]
-    llm = cc.make_engine(a)
-    ids = cc.Ids.of(llm)
+    llm = harness.make_engine(a)
+    ids = harness.Ids.of(llm)
     tok = llm.get_tokenizer()
     decode = lambda t: tok.decode(t, skip_special_tokens=False)  # noqa: E731
     conclusions = [c.strip() for c in a.conclusions.split(",") if c.strip()]
@@ -194,11 +198,11 @@ def main() -> None:
     for (tier, p), out in zip(cal, outs):
         o = out.outputs[0]
         tids = list(o.token_ids)
-        n_think = cc.first_think_len(tids, ids)
+        n_think = harness.first_think_len(tids, ids)
         traces.append(dict(
             tier=tier, n_think=n_think, correct=extract_answer(o.text) == p.answer,
-            known=cc.answer_known_at(tids, ids, decode, p.answer),
-            r={s: np.array(cc.thinking_signal(o.logprobs, n_think, s), dtype=float)
+            known=harness.answer_known_at(tids, ids, decode, p.answer),
+            r={s: np.array(harness.thinking_signal(o.logprobs, n_think, s), dtype=float)
                for s in ("token_confidence", "entropy")}))
     check_against_reference(traces)
     base_correct = sum(t["correct"] for t in traces)
@@ -271,7 +275,7 @@ def main() -> None:
     base_cal = summarize(cal, outs, ids)
     if cands:
         reqs = [(t, p) for _ in cands for (t, p) in cal]
-        prm = [cc.params(halting_ttc(s, s["conclusion"]), temperature=0.0, max_tokens=a.max_tokens)
+        prm = [harness.params(halting_ttc(s, s["conclusion"]), temperature=0.0, max_tokens=a.max_tokens)
                for s in cands for _ in cal]
         from ttc_vllm.testbed.task import prompt
         vouts = llm.generate([prompt(p) for _, p in reqs], prm, use_tqdm=False)
@@ -292,8 +296,8 @@ def main() -> None:
     # 3. evaluation slice: no halting vs the chosen setting, side by side
     ev = [(t, p) for t in tiers for p in generate(t, a.problems, HELD_OUT_SEED)]
     from ttc_vllm.testbed.task import prompt
-    prm = ([cc.params(None, temperature=0.0, max_tokens=a.max_tokens)] * len(ev)
-           + [cc.params(halting_ttc(chosen, chosen["conclusion"]), temperature=0.0, max_tokens=a.max_tokens)]
+    prm = ([harness.params(None, temperature=0.0, max_tokens=a.max_tokens)] * len(ev)
+           + [harness.params(halting_ttc(chosen, chosen["conclusion"]), temperature=0.0, max_tokens=a.max_tokens)]
            * len(ev))
     t1 = time.time()
     eouts = llm.generate([prompt(p) for _, p in ev] * 2, prm, use_tqdm=False)
@@ -302,18 +306,18 @@ def main() -> None:
     halt_ev = summarize(ev, eouts[len(ev):], ids)
     res = compare(base_ev, halt_ev)
     print(f"\nevaluation slice ({a.problems}/tier, held-out seed {HELD_OUT_SEED}), greedy:")
-    print(cc.table(["tier", "acc base", "acc halt", "loss pts", "think base", "think halt", "think saved",
+    print(harness.table(["tier", "acc base", "acc halt", "loss pts", "think base", "think halt", "think saved",
                     "tokens saved"],
-                   [[t, cc.pct(r["accuracy_base"]), cc.pct(r["accuracy"]), f"{r['loss_points']:.1f}",
-                     f"{r['thinking_base']:.1f}", f"{r['thinking']:.1f}", cc.pct(r["thinking_saved"]),
-                     cc.pct(r["tokens_saved"])] for t, r in res.items()]))
+                   [[t, harness.pct(r["accuracy_base"]), harness.pct(r["accuracy"]), f"{r['loss_points']:.1f}",
+                     f"{r['thinking_base']:.1f}", f"{r['thinking']:.1f}", harness.pct(r["thinking_saved"]),
+                     harness.pct(r["tokens_saved"])] for t, r in res.items()]))
     allr = res["all"]
     met = allr["loss_points"] <= 1.0 + 1e-9 and allr["thinking_saved"] >= 0.40
     print(f"\ntarget: >= 40% thinking saved at <= 1 point loss -> saved {allr['thinking_saved']:.1%}, "
           f"loss {allr['loss_points']:.1f} points: {'MET' if met else 'NOT MET'}")
 
-    path = cc.write_result("controls_halting", {
-        "model": cc.model_name(a), "decoding": "greedy", "max_tokens": a.max_tokens,
+    path = harness.write_result("controls_halting", {
+        "model": harness.model_name(a), "decoding": "greedy", "max_tokens": a.max_tokens,
         "conclusions": {c: {"text": texts[c], "tokens": conc_lens[c]} for c in conclusions},
         "chosen_ttc": halting_ttc(chosen, chosen["conclusion"]),
         "calibration": {"seed": CALIBRATION_SEED, "problems_per_tier": a.cal_problems, "baseline": base_cal,
@@ -326,9 +330,9 @@ def main() -> None:
         "target": {"thinking_saved_min": 0.40, "loss_points_max": 1.0, "met": met},
         "seconds": round(time.time() - t0, 1),
     })
-    plot(sweep, cands, res, chosen, cc.RESULTS / "controls_halting.png")
-    print(f"wrote {path} and {cc.RESULTS / 'controls_halting.png'}")
-    cc.shutdown(llm)
+    plot(sweep, cands, res, chosen, harness.RESULTS / "controls_halting.png")
+    print(f"wrote {path} and {harness.RESULTS / 'controls_halting.png'}")
+    harness.shutdown(llm)
 
 
 def fmt_cfg(s: dict) -> str:
@@ -338,15 +342,15 @@ def fmt_cfg(s: dict) -> str:
 def sweep_table(rows, engine: bool = False) -> str:
     head = (["setting", "tau", "halted", "proxy loss", "proxy saved"]
             + (["conclusion", "engine loss", "engine saved"] if engine else []))
-    return cc.table(head, [[fmt_cfg(s), f"{s['threshold']:.4g}", cc.pct(s["proxy_halted_share"]),
-                            f"{s['proxy_loss_points']:.1f}", cc.pct(s["proxy_thinking_saved"])]
-                           + ([s["conclusion"], f"{s['engine_loss_points']:.1f}", cc.pct(s["engine_thinking_saved"])]
+    return harness.table(head, [[fmt_cfg(s), f"{s['threshold']:.4g}", harness.pct(s["proxy_halted_share"]),
+                            f"{s['proxy_loss_points']:.1f}", harness.pct(s["proxy_thinking_saved"])]
+                           + ([s["conclusion"], f"{s['engine_loss_points']:.1f}", harness.pct(s["engine_thinking_saved"])]
                               if engine else [])
                            for s in rows])
 
 
 def plot(sweep, cands, res, chosen, path) -> None:
-    plt = cc.pyplot()
+    plt = harness.pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     sigs = sorted({s["signal"] for s in sweep})
     for i, sig in enumerate(sigs):
@@ -368,7 +372,7 @@ def plot(sweep, cands, res, chosen, path) -> None:
                   fontsize=8)
     ax2.grid(alpha=0.3, axis="y")
     ax2.legend(fontsize=7)
-    cc.save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

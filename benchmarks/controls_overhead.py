@@ -29,7 +29,6 @@ several. Writes benchmarks/results/controls_overhead.json and .png.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -39,9 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import controls_common as cc
 import numpy as np
-from common import bootstrap_interval
+
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks import harness
 
 ARMS = {
     "plain": None,
@@ -57,8 +59,8 @@ TARGET_ARM = "budget+halting"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cc.add_engine_args(ap)
+    ap = harness.parser(__doc__)
+    harness.add_engine_args(ap)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--rounds", type=int, default=5)
@@ -70,9 +72,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.step_backend:
         os.environ["TTC_VLLM_STEP"] = a.step_backend   # read by the engine's worker process
-    from ttc_vllm.control import step_backend
-
     import torch
+
+    from ttc_vllm.control import step_backend
 
     backend = step_backend(torch.device("cpu"))
 
@@ -82,10 +84,10 @@ def main() -> None:
     if "plain" not in arms:
         raise SystemExit("--arms must include plain (the reference)")
     t0 = time.time()
-    llm = cc.make_engine(a, max_num_seqs=max(a.batch, 1))
-    ids = cc.Ids.of(llm)
+    llm = harness.make_engine(a, max_num_seqs=max(a.batch, 1))
+    ids = harness.Ids.of(llm)
     prompts = [prompt(p) for p in generate("hard", a.batch, 1)]
-    prm = {arm: cc.params(ARMS[arm], temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True) for arm in arms}
+    prm = {arm: harness.params(ARMS[arm], temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True) for arm in arms}
 
     def run(arm: str) -> tuple[float, int, int]:
         c = cpu_seconds()
@@ -119,7 +121,7 @@ def main() -> None:
     cpu_ratios = {arm: [cpu_tput[arm][i] / cpu_tput["plain"][i] for i in range(a.rounds)] for arm in arms}
     rows = []
     for arm in arms:
-        lo, hi = bootstrap_interval(ratios[arm], np.median)
+        lo, hi = harness.bootstrap_interval(ratios[arm], np.median)
         rows.append(dict(arm=arm, tokens_per_s_median=statistics.median(tput[arm]),
                          tokens_per_s=tput[arm], ratio_median=statistics.median(ratios[arm]),
                          ratio_median_ci95=[lo, hi],
@@ -128,7 +130,7 @@ def main() -> None:
                          cpu_ratios=cpu_ratios[arm]))
     print(f"\nbatch {a.batch}, {a.max_tokens} tokens each (ignore_eos), {a.rounds} alternating rounds, "
           f"controller step backend {backend}:")
-    print(cc.table(["arm", "tok/s (median)", "ratio median", "95% interval", "ratio min", "ratio max", "CPU-time ratio"],
+    print(harness.table(["arm", "tok/s (median)", "ratio median", "95% interval", "ratio min", "ratio max", "CPU-time ratio"],
                    [[r["arm"], f"{r['tokens_per_s_median']:.0f}", f"{r['ratio_median']:.3f}",
                      "{:.3f}-{:.3f}".format(*r["ratio_median_ci95"]),
                      f"{r['ratio_min']:.3f}", f"{r['ratio_max']:.3f}", f"{r['cpu_ratio_median']:.3f}"] for r in rows]))
@@ -149,11 +151,11 @@ def main() -> None:
         for arm in arms:
             profile[arm] = profile_processor_share(llm, prompts, prm[arm], a.profile)
         print(f"\nworker-loop wall time inside the TTC processor (py-spy, {a.profile:g} s per arm):")
-        print(cc.table(["arm", "samples", "processor share", "implied ratio", "waiting for the scheduler"],
+        print(harness.table(["arm", "samples", "processor share", "implied ratio", "waiting for the scheduler"],
                        [[arm, p["samples"], f"{p['processor_share']:.2%}", f"{1 - p['processor_share']:.3f}",
                          f"{p['waiting_share']:.1%}"] for arm, p in profile.items()]))
-    path = cc.write_result("controls_overhead", {
-        "model": cc.model_name(a), "step_backend": backend, "batch": a.batch, "max_tokens": a.max_tokens, "rounds": a.rounds,
+    path = harness.write_result("controls_overhead", {
+        "model": harness.model_name(a), "step_backend": backend, "batch": a.batch, "max_tokens": a.max_tokens, "rounds": a.rounds,
         "arms": {arm: ARMS[arm] for arm in arms}, "rows": rows, "short_requests": short_total,
         "profile_seconds": a.profile, "processor_profile": profile,
         "target": {"arm": TARGET_ARM, "ratio_min": 0.97, "met": met},
@@ -161,9 +163,9 @@ def main() -> None:
         "load_average_1m_after": os.getloadavg()[0],
         "marker_ids": {"think_start": ids.think_start, "think_end": ids.think_end},
     })
-    plot(rows, a, cc.RESULTS / "controls_overhead.png")
-    print(f"wrote {path} and {cc.RESULTS / 'controls_overhead.png'}")
-    cc.shutdown(llm)
+    plot(rows, a, harness.RESULTS / "controls_overhead.png")
+    print(f"wrote {path} and {harness.RESULTS / 'controls_overhead.png'}")
+    harness.shutdown(llm)
 
 
 def cpu_seconds() -> float:
@@ -228,7 +230,7 @@ def profile_processor_share(llm, prompts, params, seconds: float) -> dict:
 
 
 def plot(rows, a, path) -> None:
-    plt = cc.pyplot()
+    plt = harness.pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, r in enumerate(rows):
         ax1.plot(range(1, len(r["tokens_per_s"]) + 1), r["tokens_per_s"], "o-", color=f"C{i}", label=r["arm"])
@@ -248,7 +250,7 @@ def plot(rows, a, path) -> None:
     ax2.set_ylabel("throughput / plain (median, 95 % interval)")
     ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3, axis="y")
-    cc.save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,17 @@ benchmarks/results/controls_step.json and .png.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-import controls_common as cc
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks import harness
 
 BACKENDS = ("numba", "compile", "eager")
 WORKLOADS = ("budget", "budget+halting")
@@ -62,7 +66,7 @@ def time_steps(ctrl, batch: int, vocab: int, steps: int, with_step: bool) -> flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=272, help="logits per row (the testbed's 272)")
     ap.add_argument("--steps", type=int, default=3000)
@@ -87,17 +91,17 @@ def main() -> None:
         eager = next(x for x in rows if x["workload"] == r["workload"] and x["backend"] == "eager")
         r["speedup_vs_eager"] = round(eager["ms_per_step"] / r["ms_per_step"], 1)
     print(f"\nbatch {a.batch}, vocab {a.vocab}, {a.steps} steps x {a.repeats} repeats (median):")
-    print(cc.table(["workload", "backend", "ms / step", "x eager"],
+    print(harness.table(["workload", "backend", "ms / step", "x eager"],
                    [[r["workload"], r["backend"], f"{r['ms_per_step']:.3f}", f"{r['speedup_vs_eager']:.1f}"]
                     for r in rows]))
-    path = cc.write_result("controls_step", {"batch": a.batch, "vocab": a.vocab, "steps": a.steps,
+    path = harness.write_result("controls_step", {"batch": a.batch, "vocab": a.vocab, "steps": a.steps,
                                              "repeats": a.repeats, "rows": rows})
-    plot(rows, a, cc.RESULTS / "controls_step.png")
-    print(f"wrote {path} and {cc.RESULTS / 'controls_step.png'}")
+    plot(rows, a, harness.RESULTS / "controls_step.png")
+    print(f"wrote {path} and {harness.RESULTS / 'controls_step.png'}")
 
 
 def plot(rows, a, path) -> None:
-    plt = cc.pyplot()
+    plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     width = 0.25
     for i, backend in enumerate(BACKENDS):
@@ -111,7 +115,7 @@ def plot(rows, a, path) -> None:
     ax.set_title(f"controller step alone, batch {a.batch}, vocab {a.vocab}")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
-    cc.save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -38,15 +38,18 @@ Prints tables, writes benchmarks/results/controls_voting.json and .png.
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-import controls_common as cc
-from common import style_accuracy_vs_tokens
-from controls_halting import halt_points, series
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks import harness
+from benchmarks.controls_halting import halt_points, series
 
 K = 16
 SEED_STRIDE = 64
@@ -112,17 +115,17 @@ def sample(llm, ids, problems, jobs, base_seed: int, ttc: dict | None, temperatu
         kw["logprobs"] = 20
     cap = (ttc or {}).get("max_think")
     reqs = [prompt(problems[i]) for i, _ in jobs]
-    prm = [cc.params(ttc, seed=seed_of(base_seed, i, j), **kw) for i, j in jobs]
+    prm = [harness.params(ttc, seed=seed_of(base_seed, i, j), **kw) for i, j in jobs]
     outs = llm.generate(reqs, prm, use_tqdm=False)
     res = {}
     for (i, j), out in zip(jobs, outs):
         o = out.outputs[0]
         tids = list(o.token_ids)
-        n_think = cc.first_think_len(tids, ids)
+        n_think = harness.first_think_len(tids, ids)
         natural = min(n_think, cap) if cap is not None else n_think
         # a stopped trace ends with the forced EOS inside its thinking: it has no answer
         stopped = ids.think_end not in tids and bool(tids) and tids[-1] == ids.eos
-        r = ({name: np.array(cc.thinking_signal(o.logprobs, natural, name, token_ids=tids), float)
+        r = ({name: np.array(harness.thinking_signal(o.logprobs, natural, name, token_ids=tids), float)
               for name in SERIES} if logprobs else None)
         res[(i, j)] = Trace(None if stopped else extract_answer(o.text), len(tids), stopped, r)
     return res
@@ -209,8 +212,8 @@ ARMS = ("stop", "stop+adaptive", "cap", "cap+stop+adaptive")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cc.add_engine_args(ap)
+    ap = harness.parser(__doc__)
+    harness.add_engine_args(ap)
     ap.add_argument("--problems", type=int, default=100, help="evaluation problems per tier")
     ap.add_argument("--cal-problems", type=int, default=40, help="warm-up/calibration problems per tier")
     ap.add_argument("--tiers", default="medium,hard")
@@ -261,8 +264,8 @@ def main() -> None:
     percentiles = [float(x) for x in a.percentiles.split(",")]
     # Per-request seeds + chunked prefill crash vLLM 0.32 on CPU ("CPU Generator does not use
     # offset" when a partial prefill's sampled token is discarded): prefill whole prompts.
-    llm = cc.make_engine(a, enable_chunked_prefill=False)
-    ids = cc.Ids.of(llm)
+    llm = harness.make_engine(a, enable_chunked_prefill=False)
+    ids = harness.Ids.of(llm)
     sargs = dict(temperature=a.temperature, max_tokens=a.max_tokens)
 
     def ttc_of(s: dict) -> dict | None:
@@ -406,9 +409,9 @@ def main() -> None:
         r["tokens_saved"] = 1 - r["tokens"] / b["tokens"]
     print(f"\nevaluation slice ({a.problems}/tier, seed {HELD_OUT_SEED}, T={a.temperature}); "
           "tokens = generated tokens per problem, all traces:")
-    print(cc.table(["tier", "arm", "acc", "tokens", "saved", "loss pts", "traces", "stopped"],
-                   [[r["tier"], r["arm"], cc.pct(r["accuracy"]), f"{r['tokens']:.0f}", cc.pct(r["tokens_saved"]),
-                     f"{r['loss_points']:.1f}", f"{r['traces']:.1f}", cc.pct(r["stopped_share"])] for r in rows],
+    print(harness.table(["tier", "arm", "acc", "tokens", "saved", "loss pts", "traces", "stopped"],
+                   [[r["tier"], r["arm"], harness.pct(r["accuracy"]), f"{r['tokens']:.0f}", harness.pct(r["tokens_saved"]),
+                     f"{r['loss_points']:.1f}", f"{r['traces']:.1f}", harness.pct(r["stopped_share"])] for r in rows],
                    widths=[8, 28, 8, 9, 8, 10, 8, 9]))
     verdict = {}
     for arm in runs:
@@ -421,8 +424,8 @@ def main() -> None:
     print(f"warm-up cost: {warmup_tokens} tokens once ({warmup_tokens / n:.0f} per evaluation problem if "
           f"charged to this slice)")
 
-    path = cc.write_result("controls_voting", {
-        "model": cc.model_name(a), "temperature": a.temperature, "k": K, "tiers": tiers,
+    path = harness.write_result("controls_voting", {
+        "model": harness.model_name(a), "temperature": a.temperature, "k": K, "tiers": tiers,
         "max_tokens": a.max_tokens, "halting": "signal swept / min / direction below / action stop",
         "signals": [r.signal for r in rules], "min_tokens": a.min_tokens, "waves_swept": schedules,
         "consensus_swept": shares, "min_votes_swept": min_votes, "budgets_swept": budgets,
@@ -436,9 +439,9 @@ def main() -> None:
         "target": {"tokens_saved_min": 0.60, "loss_points_max": 1.0, "verdict": verdict},
         "seconds": round(time.time() - t0, 1),
     })
-    plot(rows, tiers, list(runs), cc.RESULTS / "controls_voting.png")
-    print(f"wrote {path} and {cc.RESULTS / 'controls_voting.png'}")
-    cc.shutdown(llm)
+    plot(rows, tiers, list(runs), harness.RESULTS / "controls_voting.png")
+    print(f"wrote {path} and {harness.RESULTS / 'controls_voting.png'}")
+    harness.shutdown(llm)
 
 
 def weight_window(s: dict) -> int:
@@ -460,15 +463,15 @@ def fmt(s: dict) -> str:
 
 def sweep_table(sweep) -> str:
     none = lambda s: s["signal"] == "none"  # noqa: E731
-    return cc.table(["cap", "signal", "window", "pct", "tau", "vote", "consensus", "waves", "acc", "loss pts",
+    return harness.table(["cap", "signal", "window", "pct", "tau", "vote", "consensus", "waves", "acc", "loss pts",
                      "saved", "stopped", "traces"],
                     [[s["budget"] if s["budget"] is not None else "-", s["signal"],
                       "-" if none(s) else s["window"], "-" if none(s) else f"{s['percentile']:g}",
                       "-" if none(s) else f"{s['threshold']:.3f}",
                       "weighted" if s["weighted"] else "majority", f"{s['consensus']:g}" if s["adaptive"] else "-",
                       f"{','.join(map(str, s['waves']))} mv{s['min_votes']}" if s["waves"] else "-",
-                      cc.pct(s["accuracy"]), f"{s['loss_points']:.1f}", cc.pct(s["tokens_saved"]),
-                      cc.pct(s["stopped_share"]), f"{s['traces']:.1f}"] for s in sweep])
+                      harness.pct(s["accuracy"]), f"{s['loss_points']:.1f}", harness.pct(s["tokens_saved"]),
+                      harness.pct(s["stopped_share"]), f"{s['traces']:.1f}"] for s in sweep])
 
 
 MARKERS = {"stop": ("s", "C0"), "stop+adaptive": ("D", "C1"), "adaptive only (no halting)": ("^", "C2"),
@@ -476,7 +479,7 @@ MARKERS = {"stop": ("s", "C0"), "stop+adaptive": ("D", "C1"), "adaptive only (no
 
 
 def plot(rows, tiers, arms, path) -> None:
-    plt = cc.pyplot()
+    plt = harness.pyplot()
     fig, axes = plt.subplots(1, len(tiers) + 1, figsize=(4.2 * (len(tiers) + 1), 4))
     for ax, tier in zip(axes, tiers + ["all"]):
         rs = [r for r in rows if r["tier"] == tier]
@@ -488,8 +491,8 @@ def plot(rows, tiers, arms, path) -> None:
             r = next(x for x in rs if x["arm"] == name)
             ax.scatter([r["tokens"]], [100 * r["accuracy"]], marker=marker, s=70 if marker == "*" else 50,
                        color=color, zorder=5, label=f"{name} ({100 * r['tokens_saved']:.0f}% fewer tokens)")
-        style_accuracy_vs_tokens(ax, tier)
-    cc.save_figure(fig, path)
+        harness.style_accuracy_vs_tokens(ax, tier, legend_size=6.5)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,16 @@ check exactly. Prints tables, writes benchmarks/results/error_types.json and .pn
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from common import RESULTS, save_figure, write_result  # noqa: E402
-from ttc_vllm.testbed import policy_path  # noqa: E402
+from benchmarks import harness
+from ttc_vllm.testbed import policy_path
 
 KINDS = ("none", "arithmetic only", "terms only", "arithmetic and terms", "chain", "unparsed")
 FILTERS = ("all traces", "term check", "arithmetic check", "both checks")
@@ -105,15 +105,13 @@ def plot(rows, path) -> None:
     axes[1].set_ylabel(f"majority@{rows[0]['k']} accuracy")
     axes[1].set_title("majority over the traces an exact check passes")
     axes[1].legend(fontsize=8)
-    save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--tiers", default="hard")
-    ap.add_argument("--problems", type=int, default=200)
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--temperature", type=float, default=0.8)
+    harness.add_sampling_args(ap, problems=200)
     ap.add_argument("--model", default=str(policy_path()))
     a = ap.parse_args()
 
@@ -134,10 +132,10 @@ def main() -> None:
         for f in FILTERS:
             print(f"{f:<22}{r['majority_accuracy'][f]:>10.1%}")
         print(f"{'pass@' + str(r['k']):<22}{r['pass_at_k']:>10.1%}")
-    path = write_result("error_types", {"temperature": a.temperature, "seed": HELD_OUT_SEED, "tiers": rows,
+    path = harness.write_result("error_types", {"temperature": a.temperature, "seed": HELD_OUT_SEED, "tiers": rows,
                                         "seconds": round(time.time() - t0, 1)})
-    plot(rows, RESULTS / "error_types.png")
-    print(f"wrote {path} and {RESULTS / 'error_types.png'}")
+    plot(rows, harness.RESULTS / "error_types.png")
+    print(f"wrote {path} and {harness.RESULTS / 'error_types.png'}")
 
 
 if __name__ == "__main__":

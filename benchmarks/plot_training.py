@@ -8,20 +8,17 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from common import RESULTS  # noqa: E402
+from benchmarks import harness
 
 
 def main() -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    harness.parser(__doc__).parse_args()
     from ttc_vllm.testbed import WEIGHTS
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = harness.pyplot().subplots(figsize=(6.4, 3.8))
     offset = 0
     for model in ("policy", "prm"):
         path = WEIGHTS / model / "training.json"
@@ -42,9 +39,9 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    RESULTS.mkdir(exist_ok=True)
-    fig.savefig(RESULTS / "testbed_training.png", dpi=110)
-    print(f"wrote {RESULTS / 'testbed_training.png'}")
+    harness.RESULTS.mkdir(exist_ok=True)
+    fig.savefig(harness.RESULTS / "testbed_training.png", dpi=110)
+    print(f"wrote {harness.RESULTS / 'testbed_training.png'}")
 
 
 if __name__ == "__main__":

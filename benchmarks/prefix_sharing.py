@@ -22,7 +22,6 @@ Prints a table, writes benchmarks/results/prefix_sharing.json and prefix_sharing
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -32,9 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from common import RESULTS, save_figure, write_result  # noqa: E402
+from benchmarks import harness
 
 
 def cacheable(prefix_len: int, block_size: int) -> int:
@@ -59,7 +59,7 @@ class CountingGenerator:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--problems", type=int, default=16, help="hard problems for cache hits / wall time")
     ap.add_argument("--kv-problems", type=int, default=6, help="long-prompt searches for peak KV")
     ap.add_argument("--n", type=int, default=16)
@@ -70,13 +70,14 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=None, help="KV block size (default: ttc_vllm.engine's)")
     a = ap.parse_args()
 
+    from ttc_vllm_plugins.kv_accounting import PEAK_FILE_ENV, read_peak
+
     from ttc_vllm.engine import make_llm
     from ttc_vllm.engine_offline import OfflineStepGenerator
     from ttc_vllm.prm.scorers import make_scorer
     from ttc_vllm.search import SearchOptions, run_search
     from ttc_vllm.testbed import policy_path, prm_scorer_config, task
     from ttc_vllm.testbed.task import STEP_TAG
-    from ttc_vllm_plugins.kv_accounting import PEAK_FILE_ENV, SCHEDULER_CLS, read_peak
 
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="ttc-kv-"))
@@ -85,7 +86,7 @@ def main() -> None:
         peak_file = tmp / f"peak_{name}.json"
         os.environ[PEAK_FILE_ENV] = str(peak_file)  # read by the engine core it spawns
         extra = {"block_size": a.block_size} if a.block_size else {}
-        llm = make_llm(str(policy_path()), enable_prefix_caching=caching, scheduler_cls=SCHEDULER_CLS,
+        llm = make_llm(str(policy_path()), enable_prefix_caching=caching,
                        kv_cache_memory_bytes=256 << 20, max_num_seqs=256, **extra)
         arms[name] = {"llm": llm, "gen": OfflineStepGenerator(llm, STEP_TAG), "peak_file": peak_file}
     os.environ.pop(PEAK_FILE_ENV, None)
@@ -174,7 +175,7 @@ def main() -> None:
           f"({kv_cacheable_share:.1%} cacheable)")
 
     name = "prefix_sharing" + (f"_block{a.block_size}" if a.block_size else "")
-    path = write_result(name, {
+    path = harness.write_result(name, {
         "n": a.n, "beam_width": a.beam_width, "problems": len(problems), "block_size": block_size,
         "search": opts.model_dump(mode="json"), "arms": summary,
         "wall_ratio_off_on_median": wall_ratio, "wall_ratios": ratios,
@@ -185,8 +186,8 @@ def main() -> None:
                "cached_share_target_met": kv_cached_share >= 0.9},
         "seconds": round(time.time() - t0, 1),
     })
-    plot(summary, kv_rows, ratios, RESULTS / f"{name}.png")
-    print(f"wrote {path} and {RESULTS / f'{name}.png'}")
+    plot(summary, kv_rows, ratios, harness.RESULTS / f"{name}.png")
+    print(f"wrote {path} and {harness.RESULTS / f'{name}.png'}")
     scorer.close()
     for arm in arms.values():
         arm["gen"].close()
@@ -217,7 +218,7 @@ def plot(summary, kv_rows, ratios, path: Path) -> None:
     a3.hist(ratios, bins=10)
     a3.set_xlabel("wall time off / on per problem")
     a3.set_title("beam search wall time")
-    save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,15 @@ Prints a table, writes benchmarks/results/prm_signals.json and .png (ROC curves)
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import controls_common as cc
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +45,7 @@ def roc_points(scores, labels, points: int = 200):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--labels", type=Path, nargs="+", default=None)
     ap.add_argument("--holdout", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
@@ -68,10 +71,10 @@ def main() -> None:
     prm = VLLMPoolingPRM(prm_scorer_config(engine_kwargs={"kv_cache_memory_bytes": 256 << 20,
                                                           "max_model_len": 512}))
     signals = {"shipped PRM": prm.score_sync(traces)}
-    cc.shutdown(prm.llm)
+    harness.shutdown(prm.llm)
     surprise = PolicySurpriseScorer(PRMConfig(kind="policy_surprise", model=str(policy_path())))
     signals["policy surprise"] = surprise.score_sync(traces)
-    cc.shutdown(surprise.llm)
+    harness.shutdown(surprise.llm)
     signals["MC labels: HE (any rollout right)"] = [[float(m > 0) for m in d.mc_values] for d in data]
     signals["MC labels: MC value"] = [list(d.mc_values) for d in data]
     seconds = time.time() - t0
@@ -83,22 +86,22 @@ def main() -> None:
                          auc_exact_nonfinal=m["auc_exact_nonfinal"]))
         curves[name] = roc_points([v for s in per_trace for v in s],
                                   [bool(e) for d in data for e in d.exact])
-    print(cc.table(["signal", "steps", "AUC vs exact", "non-final steps"],
+    print(harness.table(["signal", "steps", "AUC vs exact", "non-final steps"],
                    [[r["signal"], r["steps"], f"{r['auc_exact']:.3f}", f"{r['auc_exact_nonfinal']:.3f}"]
                     for r in rows]))
     print("target (issue #4): the PRM's step AUC >= 0.85")
-    path = cc.write_result("prm_signals", {
+    path = harness.write_result("prm_signals", {
         "labels": [str(Path(p).relative_to(ROOT)) if Path(p).is_absolute() else str(p) for p in labels],
         "holdout": a.holdout, "seed": a.seed, "traces": len(data), "rows": rows,
         "shipped_prm_test_auc_in_training_json": shipped.get("test", {}).get("auc_exact"),
         "seconds": round(seconds, 1),
     })
-    plot(rows, curves, cc.RESULTS / "prm_signals.png")
-    print(f"wrote {path} and {cc.RESULTS / 'prm_signals.png'}")
+    plot(rows, curves, harness.RESULTS / "prm_signals.png")
+    print(f"wrote {path} and {harness.RESULTS / 'prm_signals.png'}")
 
 
 def plot(rows, curves, path) -> None:
-    plt = cc.pyplot()
+    plt = harness.pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     for i, r in enumerate(rows):
         xs, ys = zip(*curves[r["signal"]])
@@ -109,7 +112,7 @@ def plot(rows, curves, path) -> None:
     ax.set_title("held-out testbed steps vs exact ground truth")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    cc.save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,16 @@ Prints a table, writes benchmarks/results/search_scaling.json and search_scaling
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from common import RESULTS, save_figure, write_result  # noqa: E402
+from benchmarks import harness
 
 PRM_GUIDED = ("weighted_vote", "best_of_n", "beam", "dvts", "mcts")
 
@@ -146,11 +146,11 @@ def plot(rows: list[dict], greedy: dict[str, float], path: Path, problems: int) 
         ax.set_title(f"{tier} ({problems} problems)")
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("testbed: accuracy vs generated tokens (PRM-guided search, real vLLM + Ray)")
-    save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--tiers", default="medium,hard")
     ap.add_argument("--problems", type=int, default=40)
     ap.add_argument("--n", default="4,16,64")
@@ -188,15 +188,15 @@ def main() -> None:
     missing = [f"{t}/{st}/n={n}" for t in tiers for st in a.strategies.split(",") for n in map(int, a.n.split(","))
                if valid_cell(st, n) and (t, st, n) not in have]
     complete = not missing
-    path = write_result(a.result_name, {
+    path = harness.write_result(a.result_name, {
         "tiers": tiers, "problems_per_tier": a.problems, "n": a.n, "temperature": a.temperature,
         "search": [json.loads(x) for x in sorted(setups)],
         "prm": next((r["setup"]["prm"] for r in records if r["setup"]["prm"]), None),
         "greedy": greedy, "rows": rows, "targets": goal, "complete_grid": complete, "missing_cells": missing,
         "seconds": round(time.time() - t0, 1),
     })
-    plot(rows, greedy, RESULTS / f"{a.result_name}.png", a.problems)
-    print(f"wrote {path} and {RESULTS / (a.result_name + '.png')}")
+    plot(rows, greedy, harness.RESULTS / f"{a.result_name}.png", a.problems)
+    print(f"wrote {path} and {harness.RESULTS / (a.result_name + '.png')}")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.common import RESULTS, SERVED, ServerProcess, engine_args, write_result  # noqa: E402
+from benchmarks import harness
 
 ORACLE_PRM = "python:ttc_vllm.testbed.oracle_prm:OraclePRM"
 STRATEGIES = {
@@ -54,7 +54,7 @@ async def load_round(url: str, problems, concurrency: int, max_tokens: int, ttc:
     async with httpx.AsyncClient(timeout=600) as client:
         async def one(i, problem):
             nonlocal tokens
-            body = {"model": SERVED, "prompt": task.prompt(problem), "max_tokens": max_tokens,
+            body = {"model": harness.SERVED, "prompt": task.prompt(problem), "max_tokens": max_tokens,
                     "temperature": 0.8, "seed": i, "ignore_eos": True}
             if ttc is not None:
                 body["ttc"] = ttc
@@ -74,7 +74,7 @@ def search_latency_server(url: str, problems, strategy: dict, max_tokens: int) -
     out = []
     with httpx.Client(timeout=600) as client:
         for i, problem in enumerate(problems):
-            body = {"model": SERVED, "messages": [{"role": "user", "content": problem.question.removeprefix("Q: ").strip()}],
+            body = {"model": harness.SERVED, "messages": [{"role": "user", "content": problem.question.removeprefix("Q: ").strip()}],
                     "max_tokens": max_tokens, "seed": 100 + i, "ttc": {"search": strategy}}
             start = time.perf_counter()
             r = client.post(f"{url}/v1/chat/completions", json=body)
@@ -91,8 +91,8 @@ def search_latency_offline(llm, problems, strategy: dict, max_tokens: int) -> li
     from ttc_vllm.answer import answer_extractor
     from ttc_vllm.engine_offline import OfflineStepGenerator
     from ttc_vllm.search import SearchOptions, run_search
-    from ttc_vllm.testbed.oracle_prm import OraclePRM
     from ttc_vllm.testbed import task
+    from ttc_vllm.testbed.oracle_prm import OraclePRM
 
     tokenizer = llm.get_tokenizer()
     options = SearchOptions.model_validate(strategy)
@@ -152,13 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     max_model_len = min(1024, json.loads(Path(args.model, "config.json").read_text())
                         .get("max_position_embeddings", 1024))
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = {**os.environ, "PYTHONPATH": str(harness.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TTC_VLLM_PRM": ORACLE_PRM}
     env.pop("VLLM_PLUGINS", None)
-    vanilla = ServerProcess("vanilla", [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
-                                        "--model", *engine_args(args.model, max_model_len)], env)
-    ttc = ServerProcess("ttc-vllm", [sys.executable, "-m", "ttc_vllm.cli", "serve",
-                                     *engine_args(args.model, max_model_len)], env)
+    vanilla = harness.ServerProcess("vanilla", [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
+                                        "--model", *harness.engine_args(args.model, max_model_len)], env)
+    ttc = harness.ServerProcess("ttc-vllm", [sys.executable, "-m", "ttc_vllm.cli", "serve",
+                                     *harness.engine_args(args.model, max_model_len)], env)
     rounds: dict[str, list[dict]] = {"vanilla": [], "ttc-vllm": [], "ttc-vllm + max_think": []}
     problems = prompts(args.requests)
     search_problems = prompts(args.search_problems, seed=11)
@@ -221,9 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, s in data["search"].items():
         print(f"{name:12s} {s['server_median_s']:10.3f} {s['offline_median_s']:10.3f} "
               f"{s['server_median_s'] / s['offline_median_s']:7.2f} {s['same_answers']:>6d}/{s['problems']}")
-    path = write_result(args.name, data)
-    plot(data, RESULTS / f"{args.name}.png")
-    print(f"\nwrote {path} and {RESULTS / (args.name + '.png')}")
+    path = harness.write_result(args.name, data)
+    plot(data, harness.RESULTS / f"{args.name}.png")
+    print(f"\nwrote {path} and {harness.RESULTS / (args.name + '.png')}")
     return data
 
 

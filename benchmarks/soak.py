@@ -18,7 +18,6 @@ Usage: python benchmarks/soak.py [--minutes 10] [--concurrency 6] [--warmup 120]
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -30,10 +29,10 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.common import RESULTS, SERVED, ServerProcess, engine_args, save_figure, write_result  # noqa: E402
+from benchmarks import harness
 
 ORACLE_PRM = "python:ttc_vllm.testbed.oracle_prm:OraclePRM"
 QUESTIONS = ["3+4=?", "12+30=?", "512+377=?", "804+219+660=?", "512+377+804+219+660=?"]
@@ -43,7 +42,7 @@ MIX = {"plain": 25, "budgeted": 20, "halted": 15, "search_majority": 10, "search
 
 
 def body_for(kind: str, rng: random.Random) -> dict:
-    body = {"model": SERVED, "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}],
+    body = {"model": harness.SERVED, "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}],
             "max_tokens": 160, "temperature": 0.8, "seed": rng.randrange(1 << 30)}
     if kind == "budgeted":
         body["ttc"] = {"max_think": rng.choice([24, 40, 64]), "answer_prefix": "Final Answer:"}
@@ -236,13 +235,13 @@ def plot(samples: list[dict], tally: Tally, path: Path, warmup_s: float) -> None
     right.set_ylabel("latency (s)")
     right.set_title("latency per request kind (completed requests)")
     right.tick_params(axis="x", rotation=30)
-    save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     from ttc_vllm.testbed import policy_path
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--model", default=str(policy_path()))
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=120.0, help="seconds before RSS growth is measured")
@@ -251,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-every", type=float, default=5.0)
     args = ap.parse_args(argv)
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = {**os.environ, "PYTHONPATH": str(harness.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TTC_VLLM_PRM": ORACLE_PRM}
-    server = ServerProcess("ttc-vllm", [sys.executable, "-m", "ttc_vllm.cli", "serve",
-                                        *engine_args(args.model, 512)], env)
+    server = harness.ServerProcess("ttc-vllm", [sys.executable, "-m", "ttc_vllm.cli", "serve",
+                                        *harness.engine_args(args.model, 512)], env)
     try:
         server.wait_healthy(600)
         seconds = args.minutes * 60
@@ -291,14 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, g in growth.items():
         print(f"RSS {name:12s} {g['after_warmup_mib']:8.1f} MiB after warm-up -> {g['last_mib']:8.1f} MiB "
               f"at the end: {g['growth_pct']:+.2f} %")
-    png = RESULTS / "soak.png"
+    png = harness.RESULTS / "soak.png"
     plot(samples, tally, png, args.warmup)
     targets = {"server_errors": errors == 0, "crashes": not crashed and healthy,
                "idle_after": idle,
                "rss_growth_api_lt_5pct": growth.get("api", {}).get("growth_pct", 99) < 5,
                "rss_growth_engine_core_lt_5pct": growth.get("engine_core", {}).get("growth_pct", 99) < 5,
                "rss_growth_worker_lt_5pct": growth.get("worker", {}).get("growth_pct", 99) < 5}
-    path = write_result("soak", {
+    path = harness.write_result("soak", {
         "settings": vars(args), "mix": MIX, "rows": rows, "server_errors": errors,
         "rejected_429": tally.rejected_429, "crashed": crashed, "healthy_after": healthy,
         "idle_after": idle, "idle_wait_s": idle_wait, "final_gauges": final,

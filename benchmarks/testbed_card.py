@@ -8,22 +8,20 @@ table, writes benchmarks/results/testbed_card.json and testbed_card.png.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from common import RESULTS, write_result  # noqa: E402
-from ttc_vllm.testbed import policy_path  # noqa: E402
+from benchmarks import harness
+from ttc_vllm.testbed import policy_path
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problems", type=int, default=300)
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--temperature", type=float, default=0.8)
+    ap = harness.parser(__doc__)
+    harness.add_sampling_args(ap, problems=300)
     ap.add_argument("--model", default=str(policy_path()))
     a = ap.parse_args()
 
@@ -39,14 +37,14 @@ def main() -> None:
     print(format_table(rows))
     overall = sum(r["sampled_overthinking_tokens"] for r in rows) / max(1, sum(r["sampled_thinking_tokens"] for r in rows))
     print(f"overall overthinking share of sampled thinking tokens: {overall:.1%}")
-    path = write_result("testbed_card", {
+    path = harness.write_result("testbed_card", {
         "problems_per_tier": a.problems, "k": a.k, "temperature": a.temperature, "seed": HELD_OUT_SEED,
         "tiers_knobs": {n: vars(t) for n, t in TIERS.items()}, "tiers": rows,
         "overall_overthinking_share": overall, "greedy_thinking_tokens_total": total_think,
         "seconds": round(time.time() - t0, 1),
     })
-    plot_curves(rows, RESULTS / "testbed_card.png", f"testbed policy: greedy vs majority@k ({a.problems}/tier)")
-    print(f"wrote {path} and {RESULTS / 'testbed_card.png'}")
+    plot_curves(rows, harness.RESULTS / "testbed_card.png", f"testbed policy: greedy vs majority@k ({a.problems}/tier)")
+    print(f"wrote {path} and {harness.RESULTS / 'testbed_card.png'}")
 
 
 if __name__ == "__main__":

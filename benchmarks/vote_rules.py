@@ -25,7 +25,6 @@ the generated tokens as a share of the baseline best-of-n's.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # `python benchmarks/NAME.py`: import `benchmarks` from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from common import RESULTS, bootstrap_interval, save_figure, write_result  # noqa: E402
-from search_scaling import load_records, run_job  # noqa: E402
-
-from ttc_vllm.search.aggregate import AGGREGATIONS, aggregate_step_scores, decide  # noqa: E402
+from benchmarks import harness
+from benchmarks.search_scaling import load_records, run_job
+from ttc_vllm.search.aggregate import AGGREGATIONS, aggregate_step_scores, decide
 
 BOOTSTRAP = 2000
 
@@ -80,8 +79,7 @@ def outcomes(records: list[dict], k: int) -> dict[str, np.ndarray]:
 def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
     """Mean of a - b (per problem) with a 95 % bootstrap interval over problems."""
     d = a - b
-    lo, hi = bootstrap_interval(d, resamples=BOOTSTRAP, rng=seed)
-    return {"points": round(100 * d.mean(), 2), "ci95_points": [round(100 * lo, 2), round(100 * hi, 2)],
+    return {"points": round(100 * d.mean(), 2), "ci95_points": harness.paired_interval(a, b, BOOTSTRAP, seed),
             "wins": int((d > 0).sum()), "losses": int((d < 0).sum())}
 
 
@@ -150,11 +148,11 @@ def plot(summary: dict, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--tiers", default="hard")
     ap.add_argument("--problems", type=int, default=320)
     ap.add_argument("--n", type=int, default=16)
@@ -204,17 +202,17 @@ def main() -> None:
             result[tier]["baseline"] = compare_to_baseline(summary, tier_records, baseline, tier, a.n)
     prm = next((r["setup"]["prm"] for r in records if r["setup"]["prm"]), None)
     # the JSON first: its commit field must not see this run's own plot as a change
-    path = write_result(a.result_name, {"tiers": tiers, "n": a.n, "temperature": a.temperature,
+    path = harness.write_result(a.result_name, {"tiers": tiers, "n": a.n, "temperature": a.temperature,
                                         "controls": json.loads(a.controls) if a.controls else None,
                                         "baseline_out": str(a.baseline) if a.baseline else None,
                                         "problem_indices": [a.from_index, a.problems],
                                         "prm": prm, "bootstrap": BOOTSTRAP, "by_tier": result,
                                         "seconds": round(time.time() - t0, 1)})
     for tier, summary in result.items():
-        plot(summary, RESULTS / f"{a.result_name}.png" if tier == tiers[-1]
-             else RESULTS / f"{a.result_name}_{tier}.png",
+        plot(summary, harness.RESULTS / f"{a.result_name}.png" if tier == tiers[-1]
+             else harness.RESULTS / f"{a.result_name}_{tier}.png",
              f"{tier}: decision rules on the same {a.n} traces x {summary['problems']} problems")
-    print(f"wrote {path} and {RESULTS / (a.result_name + '.png')}")
+    print(f"wrote {path} and {harness.RESULTS / (a.result_name + '.png')}")
 
 
 if __name__ == "__main__":

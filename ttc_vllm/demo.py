@@ -55,28 +55,17 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_curves(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    from ttc_vllm.plots import pyplot, save_figure, style_accuracy_vs_tokens
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     for r in rows:
         xs = [c["tokens"] for c in r["curve"]]
         ys = [100 * c["accuracy"] for c in r["curve"]]
         line, = ax.plot(xs, ys, marker="o", label=f"{r['tier']}: majority@k (k={r['curve'][0]['k']}..{r['curve'][-1]['k']})")
         ax.scatter([r["greedy_tokens"]], [100 * r["greedy_accuracy"]], marker="*", s=140, color=line.get_color(),
                    edgecolor="black", zorder=5, label=f"{r['tier']}: greedy")
-    ax.set_xscale("log")
-    ax.set_xlabel("generated tokens per problem (log)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    style_accuracy_vs_tokens(ax, title)
+    save_figure(fig, path)
 
 
 def run_demo(tiers: list[str], problems: int, k: int, temperature: float, model: Path | None, out: Path,

@@ -53,11 +53,9 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
 def plot_accuracy_vs_tokens(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     """Accuracy against generated tokens per problem: one line per (strategy, tier) over n;
     colour = tier, marker = strategy."""
-    import matplotlib
+    from ttc_vllm.plots import pyplot, save_figure, style_accuracy_vs_tokens
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tiers = list(dict.fromkeys(r["tier"] for r in rows))
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -72,17 +70,9 @@ def plot_accuracy_vs_tokens(rows: Sequence[dict[str, Any]], path: Path, title: s
             ax.plot([p[1] for p in pts], [p[2] for p in pts], marker=markers[si % len(markers)],
                     color=colours[ti % len(colours)], linestyle=["-", "--", ":", "-."][si % 4],
                     label=f"{tier} / {strategy} (n={','.join(str(p[0]) for p in pts)})")
-    if any(r["generated_tokens_per_problem"] > 0 for r in rows):
-        ax.set_xscale("log")
-    ax.set_xlabel("generated tokens per problem (log)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 102)
-    ax.grid(alpha=0.3)
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    style_accuracy_vs_tokens(ax, title, y_max=102,
+                             log_x=any(r["generated_tokens_per_problem"] > 0 for r in rows))
+    save_figure(fig, path)
 
 
 def write_summary(plan: Plan, store: ResultStore, extra: dict[str, Any]) -> dict[str, Any]:
