@@ -35,13 +35,17 @@ import os
 import threading
 from typing import Any
 
+from ttc_vllm import metrics
 from ttc_vllm.limits import env_positive_int
 from ttc_vllm_plugins import vllm_compat
 from ttc_vllm_plugins.request_rewrite import (
     DEFAULT_MAX_SEARCH_WORK, PASS, SEARCH_XARG, TTC_FIELD, XARGS_FIELD, RequestRejected,
     ServerLimits, carries_ttc, error_body, might_carry_ttc, parse_body, plan_request,
 )
-from ttc_vllm_plugins.response_usage import SSEUsageInjector, add_to_json, usage_block
+from ttc_vllm_plugins.engine_records import REQUEST_RECORDS, RecordingEngineClient
+from ttc_vllm_plugins.response_usage import (
+    SSEUsageInjector, add_to_json, controls_block, kv_summary, usage_block,
+)
 from ttc_vllm_plugins.search_client import SEARCH_USAGE, SearchingEngineClient, SearchRunner
 
 logger = logging.getLogger("ttc_vllm.plugins.controller")
@@ -85,8 +89,10 @@ class SamplingController:
 
     def __init__(self, runner: SearchRunner | None, map_reasoning_effort: bool = True,
                  max_search_work: int = DEFAULT_MAX_SEARCH_WORK,
-                 max_concurrent_searches: int = DEFAULT_MAX_CONCURRENT_SEARCHES):
+                 max_concurrent_searches: int = DEFAULT_MAX_CONCURRENT_SEARCHES,
+                 model: str = ""):
         self.runner = runner
+        self.model = model   # the served model name: the metrics' model_name label
         encode = None
         if runner is not None:
             tokenizer = runner.tokenizer
@@ -114,15 +120,22 @@ class SamplingController:
         work = env_positive_int(MAX_SEARCH_WORK_ENV, DEFAULT_MAX_SEARCH_WORK)
         concurrent = env_positive_int(MAX_CONCURRENT_SEARCHES_ENV, DEFAULT_MAX_CONCURRENT_SEARCHES)
         runner = None
+        model = ""
         if engine_client is not None:
+            model = vllm_compat.served_model_name(engine_client)
+            # every engine request of the handlers and of searches: records taken, observed
+            engine_client = RecordingEngineClient(engine_client, model)
             tokenizer = vllm_compat.engine_tokenizer(engine_client)
             scorer = scorer if scorer is not None else scorer_from_env(tokenizer=tokenizer)
             max_model_len = engine_client.model_config.max_model_len
             runner = SearchRunner(engine_client, tokenizer, max_model_len, scorer)
 
             def wrap(client):
-                return client if isinstance(client, SearchingEngineClient) else \
-                    SearchingEngineClient(client, runner)
+                if isinstance(client, SearchingEngineClient):
+                    return client
+                if not isinstance(client, RecordingEngineClient):
+                    client = RecordingEngineClient(client, model)
+                return SearchingEngineClient(client, runner)
 
             if vllm_compat.wrap_handler_engine_clients(state, wrap):
                 logger.info("ttc-vllm sampling controller: search on (%s PRM, step delimiter %r)",
@@ -131,7 +144,7 @@ class SamplingController:
                 runner = None   # the handlers could not be wrapped: search is off (compat warned)
         else:
             logger.warning("ttc-vllm sampling controller: no engine client; search is off")
-        controller = cls(runner, map_effort, work, concurrent)
+        controller = cls(runner, map_effort, work, concurrent, model)
         state.ttc_controller = controller
         return controller
 
@@ -204,29 +217,76 @@ class TTCControllerMiddleware:
                 plan = plan_request(parsed, limits)
             except RequestRejected as err:
                 logger.debug("ttc-vllm: rejected a request: %s", err.message)  # a client mistake
+                metrics.observe_rejection(rejection_reason(err))
                 await _send_json(send, 400, error_body(err))
                 return
         if plan.kind == "pass":
             await self.app(scope, _replay(body, receive), send)
             return
+        model = controller.model if controller is not None else ""
+        if plan.options is not None:
+            metrics.observe_effort(model, plan.options.reasoning_effort)
         new_body = json.dumps(plan.body, separators=(",", ":")).encode()
         scope = _with_content_length(scope, len(new_body))
-        if plan.kind == "single":
-            await self.app(scope, _replay(new_body, receive), send)
-            return
-        if not controller.searches.try_enter():
-            await _send_json(send, 429, _error(
-                None, f"{controller.searches.limit} searches are running on this server, its "
-                      f"limit (set by {MAX_CONCURRENT_SEARCHES_ENV}); retry later",
-                429, "RateLimitError"), retry_after=RETRY_AFTER_S)
-            return
-        records: list[dict[str, Any]] = []
-        token = SEARCH_USAGE.set(records)
+        usage = Usage()
+        records_token = REQUEST_RECORDS.set(usage.engine)
         try:
-            await self.app(scope, _replay(new_body, receive), _UsageSender(send, records))
+            if plan.kind == "single":
+                await self.app(scope, _replay(new_body, receive), _UsageSender(send, usage))
+                return
+            if not controller.searches.try_enter():
+                metrics.observe_rejection("too_many_searches")
+                await _send_json(send, 429, _error(
+                    None, f"{controller.searches.limit} searches are running on this server, its "
+                          f"limit (set by {MAX_CONCURRENT_SEARCHES_ENV}); retry later",
+                    429, "RateLimitError"), retry_after=RETRY_AFTER_S)
+                return
+            search_token = SEARCH_USAGE.set(usage.searches)
+            try:
+                await self.app(scope, _replay(new_body, receive), _UsageSender(send, usage))
+            finally:
+                SEARCH_USAGE.reset(search_token)
+                controller.searches.leave()
+                if controller.searches.running == 0:
+                    metrics.searches_kv_blocks.labels(model).set(0)
+                usage.observe_searches(model)
         finally:
-            SEARCH_USAGE.reset(token)
-            controller.searches.leave()
+            REQUEST_RECORDS.reset(records_token)
+
+
+def rejection_reason(err: RequestRejected) -> str:
+    """The `reason` label of a refused request (ttc_vllm/metrics.py REJECTIONS)."""
+    if MAX_SEARCH_WORK_ENV in err.message:
+        return "too_much_work"
+    if "not supported on" in err.message:
+        return "unsupported_endpoint"
+    if "not available on this server" in err.message:
+        return "search_unavailable"
+    return "invalid_option"
+
+
+class Usage:
+    """What one HTTP request's engine requests and searches reported, and its usage block."""
+
+    def __init__(self):
+        self.engine: list[dict[str, Any]] = []     # engine records (engine_records.py)
+        self.searches: list[dict[str, Any]] = []   # search records (search_client.py)
+
+    def block(self) -> tuple[dict[str, Any] | None, int | None]:
+        """(the `ttc` block, thinking tokens for OpenAI's reasoning_tokens or None)."""
+        if self.searches:
+            block = usage_block(self.searches)
+            kv = kv_summary([r for r in self.engine if r.get("kind") == "search"])
+            if block is not None and kv is not None:
+                block["kv"] = kv
+            return block, None
+        block = controls_block(self.engine)
+        return block, block["thinking_tokens"] if block is not None else None
+
+    def observe_searches(self, model: str) -> None:
+        kv = kv_summary([r for r in self.engine if r.get("kind") == "search"])
+        for record in self.searches:
+            metrics.observe_search(model, record, kv if len(self.searches) == 1 else None)
 
 
 ENABLE_HINT = ("start the server with `ttc-vllm serve`, or name ttc_sampling_controller in "
@@ -250,6 +310,7 @@ class TTCNotEnabledMiddleware:
             return
         path, body = read
         if might_carry_ttc(body) and _asks_for_unserved_ttc(body):
+            metrics.observe_rejection("not_enabled")
             await _send_json(send, 400, error_body(RequestRejected(
                 TTC_FIELD, f"{TTC_FIELD}: test-time-compute options are not enabled on this "
                            f"server; {ENABLE_HINT}")))
@@ -288,6 +349,7 @@ async def _read_bounded(receive, send, scope, max_bytes: int) -> bytes | None:
         return None
     if status == "too_large":
         # The rest of the body is not read: the connection cannot be reused.
+        metrics.observe_rejection("body_too_large")
         await _send_json(send, 413, _error(
             "body", f"body: larger than this server's limit of {max_bytes} bytes "
                     f"(set by {MAX_BODY_BYTES_ENV})", 413, "RequestEntityTooLarge"), close=True)
@@ -361,12 +423,12 @@ async def _send_json(send, status: int, payload: dict[str, Any], close: bool = F
 
 
 class _UsageSender:
-    """Wraps send() of a search request: adds the `ttc` block to a 200 JSON body (buffered,
-    content-length fixed) or to the last data event of an SSE stream."""
+    """Wraps send() of a request with ttc options: adds the `ttc` block to a 200 JSON body
+    (buffered, content-length fixed) or to the last data event of an SSE stream."""
 
-    def __init__(self, send, records: list[dict[str, Any]]):
+    def __init__(self, send, usage: Usage):
         self.send = send
-        self.records = records
+        self.usage = usage
         self.mode: str | None = None  # "json" | "sse" | "raw"
         self.start: dict[str, Any] | None = None
         self.buffer: list[bytes] = []
@@ -381,7 +443,7 @@ class _UsageSender:
                 return
             if message["status"] == 200 and content_type.startswith(b"text/event-stream"):
                 self.mode = "sse"
-                self.sse = SSEUsageInjector(lambda: usage_block(self.records))
+                self.sse = SSEUsageInjector(self.usage.block)
             else:
                 self.mode = "raw"
             await self.send(message)
@@ -401,9 +463,9 @@ class _UsageSender:
         if more:
             return
         body = b"".join(self.buffer)
-        block = usage_block(self.records)
+        block, reasoning_tokens = self.usage.block()
         if block is not None:
-            body = add_to_json(body, block)
+            body = add_to_json(body, block, reasoning_tokens)
         headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         await self.send({**self.start, "headers": headers})

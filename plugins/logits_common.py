@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ttc_vllm.control import Markers, SlotParams, SlotRecord
+from ttc_vllm.halting import SIGNALS
 from ttc_vllm.options import TTCOptions
 from ttc_vllm_plugins import vllm_compat
+from ttc_vllm_plugins.live_controls import LIVE, RID_KEY, LiveSlot
 
 logger = logging.getLogger("ttc_vllm.plugins")
 
@@ -66,6 +68,7 @@ class EngineContext:
             logger.warning("ttc-vllm: no single-token thinking markers for %s; thinking controls "
                            "are disabled (set %s/%s)", model, THINK_START_ENV, THINK_END_ENV)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        LIVE.markers = markers   # the scheduler counts thinking tokens with them
         return cls(tokenizer, markers, model, eos)
 
     @staticmethod
@@ -117,12 +120,24 @@ def admit(ctrl, slot: int, ctx: EngineContext, options: TTCOptions, sampling_par
     """Resolve and add one request to the controller; False (logged, uncontrolled) if that
     raises: an exception in the engine worker would take every request down with it."""
     try:
-        ctrl.add(slot, ctx.slot_params(options, sampling_params, **initial))
-        return True
+        params = ctx.slot_params(options, sampling_params, **initial)
+        ctrl.add(slot, params)
     except Exception as e:  # noqa: BLE001 -- anything, rather than the engine
         logger.error("ttc-vllm: leaving a request uncontrolled, its options could not be "
                      "admitted: %s: %s", type(e).__name__, e)
         return False
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    LIVE.put(extra.get(RID_KEY), LiveSlot(
+        ctrl, slot, len(params.conclusion_ids) + 1 + len(params.answer_prefix_ids),
+        len(params.continuation_ids),
+        SIGNALS[params.halting.signal] if params.halting is not None else None))
+    return True
+
+
+def retire(ctrl, slot: int) -> None:
+    """A request left its slot: keep its outcome, and stop serving it to the scheduler."""
+    LIVE.drop(ctrl, slot)
+    FINISHED.add(ctrl.remove(slot))
 
 
 class FinishedRecords:

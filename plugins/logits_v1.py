@@ -49,7 +49,7 @@ class TTCLogitsProcessorV1:
         slot = self.row_slot.pop(row, None)
         self.row_out.pop(row, None)
         if slot is not None:
-            common.FINISHED.add(self.ctrl.remove(slot))
+            common.retire(self.ctrl, slot)
             self.free_slots.append(slot)
 
     def _add(self, row: int, params, prompt_ids: list[int] | None, output_ids: list[int]) -> None:

@@ -39,7 +39,7 @@ class TTCLogitsProcessorV2:
         if self.ctrl is None:
             return False
         if self.ctrl.is_active(req_idx):           # the slot's previous occupant finished
-            common.FINISHED.add(self.ctrl.remove(req_idx))
+            common.retire(self.ctrl, req_idx)
         if req_idx in self._new_slots:
             self._new_slots.remove(req_idx)
         opts = common.options_or_none(sampling_params)

@@ -42,7 +42,62 @@ def usage_block(records: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
     return block
 
 
-def add_to_json(body: bytes, block: dict[str, Any]) -> bytes:
+def controls_block(records: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The usage block of a request with thinking controls and no search, from the engine
+    records of its samples (kv_accounting.py): thinking tokens and how thinking ended per
+    sample, forced tokens, KV peak blocks (of the samples together: a shared prompt block
+    counts once) and block-seconds."""
+    records = [r for r in records if r.get("kind") != "search"]
+    if not records:
+        return None
+    thinking = [r.get("thinking") or {} for r in records]
+    forced: dict[str, int] = {}
+    for t in thinking:
+        for kind, count in (t.get("forced") or {}).items():
+            forced[kind] = forced.get(kind, 0) + int(count)
+    block: dict[str, Any] = {
+        "thinking_tokens": sum(int(t.get("thinking_tokens", 0)) for t in thinking),
+        "thinking_ended": [t.get("ended", "unknown") for t in thinking],
+        "forced_tokens": forced,
+        "extensions": sum(int(t.get("extensions", 0)) for t in thinking)}
+    block["kv"] = kv_summary(records)
+    return block
+
+
+def kv_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """KV use of a set of engine requests: peak and block-seconds of their union (their
+    group's, when they form one), blocks newly allocated and found in the prefix cache."""
+    kvs = [r["kv"] for r in records if r.get("kv")]
+    if not kvs:
+        return None
+    groups = [kv["group"] for kv in kvs if kv.get("group")]
+    summary = {
+        "peak_blocks": max((g["peak_blocks"] for g in groups), default=max(kv["peak_blocks"] for kv in kvs)),
+        "block_seconds": round(max((g["block_seconds"] for g in groups),
+                                   default=sum(kv["block_seconds"] for kv in kvs)), 6),
+        "new_blocks": sum(kv["new_blocks"] for kv in kvs),
+        "cached_blocks": sum(kv["cached_blocks"] for kv in kvs),
+        "block_size": kvs[0]["block_size"]}
+    if len(kvs) > 1:
+        summary["sum_of_request_peaks"] = sum(kv["peak_blocks"] for kv in kvs)
+    return summary
+
+
+def add_to_object(data: dict[str, Any], block: dict[str, Any],
+                  reasoning_tokens: int | None = None) -> None:
+    """Put the `ttc` block into a response (or final stream chunk) object and, when
+    known, the thinking tokens into OpenAI's `usage.completion_tokens_details` (vLLM
+    counts only a `<think>` the model generated, not one the chat template opened)."""
+    data["ttc"] = block
+    usage = data.get("usage")
+    if reasoning_tokens is not None and isinstance(usage, dict):
+        details = usage.get("completion_tokens_details")
+        details = dict(details) if isinstance(details, dict) else {}
+        details["reasoning_tokens"] = reasoning_tokens
+        usage["completion_tokens_details"] = details
+
+
+def add_to_json(body: bytes, block: dict[str, Any], reasoning_tokens: int | None = None) -> bytes:
     """The JSON response with `"ttc": block` added (unchanged if it is not a JSON object)."""
     try:
         data = json.loads(body)
@@ -50,14 +105,15 @@ def add_to_json(body: bytes, block: dict[str, Any]) -> bytes:
         return body
     if not isinstance(data, dict):
         return body
-    data["ttc"] = block
+    add_to_object(data, block, reasoning_tokens)
     return json.dumps(data, separators=(",", ":")).encode()
 
 
 class SSEUsageInjector:
     """Rewrites a server-sent-event stream so the last data event before `data: [DONE]`
     carries the `ttc` block. Holds back one event at a time; everything else passes
-    byte-for-byte. `block` is a callable: the search finishes after the stream starts."""
+    byte-for-byte. `block` is a callable returning (block, reasoning tokens or None): the
+    request finishes after the stream starts."""
 
     DONE = b"data: [DONE]"
 
@@ -93,7 +149,7 @@ class SSEUsageInjector:
         return rest
 
     def _inject(self, event: bytes) -> bytes:
-        block = self._block()
+        block, reasoning_tokens = self._block()
         if block is None or not event.startswith(b"data: "):
             return event
         try:
@@ -102,5 +158,5 @@ class SSEUsageInjector:
             return event
         if not isinstance(data, dict):
             return event
-        data["ttc"] = block
+        add_to_object(data, block, reasoning_tokens)
         return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"

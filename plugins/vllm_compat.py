@@ -16,7 +16,7 @@ naming the feature and what was missing -- never the engine start:
 | `vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor`, `req_states.*`, `ctx.expanded_*` | the controls on the V2 model runner (GPU default) | controls off on V2 |
 | `vllm.tokenizers.cached_tokenizer_from_config`, `vllm_config.reasoning_config.*` | the thinking markers and forced texts of the controls | controls off (markers from the tokenizer when only the reasoning config moved) |
 | `app.state.openai_serving_{chat,completion}.engine_client` | server-side search | search off: a 400 "search is not available on this server" |
-| `vllm.v1.core.sched.scheduler.Scheduler`, its `kv_cache_manager.block_pool` | the KV-accounting scheduler (opt-in) | an error when it is configured |
+| `SchedulerConfig.get_scheduler_cls`, `Scheduler.{add_request, schedule, _free_request}`, `kv_cache_manager.coordinator.single_type_managers[*].req_to_blocks`, `SchedulerOutput.{scheduled_new_reqs, num_scheduled_tokens}` | per-request KV accounting, the engine-side `ttc` records (usage block, metrics) | accounting off: vLLM's scheduler runs unchanged, usage blocks carry no KV or thinking numbers |
 | `vllm.entrypoints.launchers.*`, `vllm.entrypoints.serve.utils.api_utils`, `vllm.utils.argparse_utils` | `ttc-vllm serve` | an error naming the missing piece; `vllm serve` with the plugins still works |
 | `vllm.entrypoints.launchers.app.attach_endpoint_plugins` | a plain `vllm serve` refusing `ttc` (400) when the controller is not allowlisted | `ttc` ignored there, as before |
 """
@@ -211,6 +211,13 @@ def after_endpoint_plugins(hook) -> bool:
     return True
 
 
+def served_model_name(engine_client) -> str:
+    """The name clients use for the served model (the first --served-model-name)."""
+    config = getattr(engine_client, "model_config", None)
+    served = getattr(config, "served_model_name", None) or getattr(config, "model", None) or ""
+    return served[0] if isinstance(served, (list, tuple)) else str(served)
+
+
 def engine_tokenizer(engine_client):
     return engine_client.renderer.tokenizer
 
@@ -233,10 +240,75 @@ def serve_entry():
 
 # -- the scheduler ----------------------------------------------------------------------------
 
-def scheduler_base() -> type:
-    from vllm.v1.core.sched.scheduler import Scheduler   # opt-in: an error is the right answer
+KV_FEATURE = "per-request KV accounting and the engine-side ttc records"
+SCHEDULER_CONFIG = "vllm.config.scheduler"
 
-    return Scheduler
+
+def install_scheduler_mixin(mixin: type) -> bool:
+    """Make vLLM's scheduler choice (`SchedulerConfig.get_scheduler_cls`: Scheduler,
+    AsyncScheduler or a user's `--scheduler-cls`) return `mixin` on top of that class.
+    Idempotent; False (and a warning) when the internals it needs are missing."""
+    config_cls = optional(SCHEDULER_CONFIG, "SchedulerConfig", KV_FEATURE)
+    base = optional("vllm.v1.core.sched.scheduler", "Scheduler", KV_FEATURE)
+    if config_cls is None or base is None:
+        return False
+    for name in ("_free_request", "add_request", "schedule"):
+        if not callable(getattr(base, name, None)):
+            feature_off(KV_FEATURE, f"Scheduler.{name} is missing")
+            return False
+    choose = config_cls.get_scheduler_cls
+    if getattr(choose, "ttc_vllm_mixin", None) is mixin:
+        return True
+    made: dict[type, type] = {}
+
+    def get_scheduler_cls(self):
+        cls = choose(self)
+        if not (isinstance(cls, type) and issubclass(cls, base)) or issubclass(cls, mixin):
+            return cls   # not a vLLM Scheduler subclass: leave it alone
+        if cls not in made:
+            made[cls] = type(f"TTC{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
+        return made[cls]
+
+    get_scheduler_cls.ttc_vllm_mixin = mixin
+    config_cls.get_scheduler_cls = get_scheduler_cls
+    return True
+
+
+def first_scheduled(scheduler_output):
+    """(request id, prompt tokens found in the prefix cache) of each request scheduled for
+    the first time in this step."""
+    return ((r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs)
+
+
+def scheduled_request_ids(scheduler_output):
+    return scheduler_output.num_scheduled_tokens.keys()
+
+
+def block_counter(scheduler):
+    """A function: request id -> blocks it holds now (all KV-cache groups, null blocks of
+    sliding windows included as vLLM lists them; 0 when it holds none)."""
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    if len(managers) == 1:
+        table = managers[0].req_to_blocks
+        return lambda req_id: len(table.get(req_id, ()))
+    tables = [m.req_to_blocks for m in managers]
+    return lambda req_id: sum(len(t.get(req_id, ())) for t in tables)
+
+
+def request_block_ids(scheduler, req_id: str) -> list[int]:
+    """The ids of the blocks a request holds (null blocks left out; several KV-cache groups
+    number their blocks in one pool)."""
+    out = []
+    for manager in scheduler.kv_cache_manager.coordinator.single_type_managers:
+        out.extend(b.block_id for b in manager.req_to_blocks.get(req_id, ()) if not b.is_null)
+    return out
+
+
+@lru_cache(maxsize=1)
+def aborted_status():
+    from vllm.v1.request import RequestStatus
+
+    return RequestStatus.FINISHED_ABORTED
 
 
 def used_kv_blocks(scheduler) -> tuple[int, int]:

@@ -23,14 +23,14 @@ def kv_peak_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llm(kv_peak_file):
     """The shipped testbed policy in a real vLLM engine, with the ttc-vllm logits processor
-    and ttc-vllm's KV-accounting scheduler (the stock scheduler plus a peak-block count)."""
+    and ttc-vllm's KV-accounting mixin on vLLM's scheduler (installed by the general plugin),
+    here also writing the engine-wide peak of blocks in use to a file."""
     from ttc_vllm.engine import make_llm
-    from ttc_vllm_plugins.kv_accounting import PEAK_FILE_ENV, SCHEDULER_CLS
+    from ttc_vllm_plugins.kv_accounting import PEAK_FILE_ENV
 
     os.environ[PEAK_FILE_ENV] = str(kv_peak_file)  # read by the engine core process it spawns
     try:
-        engine = make_llm(str(policy_dir()), kv_cache_memory_bytes=768 << 20, max_num_seqs=256,
-                          scheduler_cls=SCHEDULER_CLS)
+        engine = make_llm(str(policy_dir()), kv_cache_memory_bytes=768 << 20, max_num_seqs=256)
     finally:
         os.environ.pop(PEAK_FILE_ENV, None)
     yield engine

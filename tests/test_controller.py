@@ -275,7 +275,7 @@ def test_sse_injection_targets_the_last_event_whatever_the_chunking(seed):
     rng = random.Random(seed)
     cuts = sorted(rng.sample(range(1, len(raw)), 5))
     pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)])]
-    injector = SSEUsageInjector(lambda: {"searches": 1})
+    injector = SSEUsageInjector(lambda: ({"searches": 1}, None))
     out = b"".join(injector.feed(p) for p in pieces) + injector.close()
     events = parse_sse(out)
     assert events[-1] is None and events[-2]["ttc"] == {"searches": 1}
@@ -285,7 +285,7 @@ def test_sse_injection_targets_the_last_event_whatever_the_chunking(seed):
 
 def test_sse_without_done_is_passed_through_unchanged():
     raw = sse_stream().replace(b"data: [DONE]\n\n", b"")
-    injector = SSEUsageInjector(lambda: {"searches": 1})
+    injector = SSEUsageInjector(lambda: ({"searches": 1}, None))
     assert injector.feed(raw) + injector.close() == raw
 
 
@@ -321,6 +321,7 @@ class FakeController:
     def __init__(self, limits, max_searches: int = 16):
         self.limits = limits
         self.searches = SearchAdmission(max_searches)
+        self.model = "fake-model"
 
 
 class FakeState:

@@ -163,6 +163,28 @@ def scan_think_ids(history: Sequence[int], markers: Markers) -> tuple[int, int]:
     return PHASE_BEFORE, 0
 
 
+def thinking_tokens_of(prompt_ids: Sequence[int], output_ids: Sequence[int], markers: Markers) -> int:
+    """Thinking tokens a finished request generated, by the controller's accounting: tokens
+    after `<think>` before `</think>` (forced ones included), counting from the prompt's
+    open `<think>` when the chat template opened thinking there; the first thinking block
+    of the output otherwise. Two C-speed searches, for once per request."""
+    phase, before = scan_think_ids(prompt_ids, markers)
+    output = list(output_ids)
+    if phase == PHASE_THINKING:
+        start = -1
+    else:
+        try:
+            start = output.index(markers.think_start)
+        except ValueError:
+            return 0
+        before = 0
+    try:
+        end = output.index(markers.think_end, start + 1)
+    except ValueError:
+        end = len(output)
+    return before + end - start - 1
+
+
 class ThinkingController:
     """Per-slot thinking state for up to `num_slots` requests, stepped as a batch."""
 
