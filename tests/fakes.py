@@ -61,38 +61,40 @@ class FakeArithmeticPolicy:
     async def generate_steps(self, prefixes: Sequence[Sequence[int]], n: int,
                              params: StepParams) -> list[list[Step]]:
         await self._called("generate_steps", prefixes, n)
-        out = []
-        for prefix in prefixes:
-            prefix = tuple(prefix)
-            usage = self._usage(prefix)
-            samples = []
-            for j in range(n):
-                step = self._next_step(prefix, _seeded_rng(self.seed, prefix, j), params,
-                                       params.max_tokens)
-                samples.append(_with_usage(step, *usage) if j == 0 else step)
-                self._cache.append(prefix + step.token_ids)
-            out.append(samples)
-        return out
+
+        def draw(prefix, rng, usage):
+            step = self._next_step(prefix, rng, params, params.max_tokens)
+            return (_with_usage(step, *usage) if usage else step), prefix + step.token_ids
+
+        return self._sample(prefixes, n, draw)
 
     async def complete(self, prefixes: Sequence[Sequence[int]], n: int,
                        params: StepParams) -> list[list[Completion]]:
         await self._called("complete", prefixes, n)
+
+        def draw(prefix, rng, usage):
+            steps, ids, budget = [], prefix, params.max_tokens
+            while budget > 0 and not (steps and steps[-1].finished):
+                step = self._next_step(ids, rng, params, budget)
+                steps.append(step)
+                ids += step.token_ids
+                budget -= len(step.token_ids)
+            if usage:
+                steps[0] = _with_usage(steps[0], *usage)
+            return tuple(steps), ids
+
+        return self._sample(prefixes, n, draw)
+
+    def _sample(self, prefixes, n, draw) -> list[list]:
+        """Sample j of each prefix is draw(prefix, rng_j, usage) -> (sample, its token ids);
+        only the first sample of a prefix carries the prefix's usage."""
         out = []
-        for prefix in prefixes:
-            prefix = tuple(prefix)
+        for prefix in map(tuple, prefixes):
             usage = self._usage(prefix)
             samples = []
             for j in range(n):
-                rng = _seeded_rng(self.seed, prefix, j)
-                steps, ids, budget = [], prefix, params.max_tokens
-                while budget > 0 and not (steps and steps[-1].finished):
-                    step = self._next_step(ids, rng, params, budget)
-                    steps.append(step)
-                    ids += step.token_ids
-                    budget -= len(step.token_ids)
-                if j == 0:
-                    steps[0] = _with_usage(steps[0], *usage)
-                samples.append(tuple(steps))
+                sample, ids = draw(prefix, _seeded_rng(self.seed, prefix, j), usage if j == 0 else None)
+                samples.append(sample)
                 self._cache.append(ids)
             out.append(samples)
         return out

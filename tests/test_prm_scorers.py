@@ -265,7 +265,7 @@ def test_token_label_prm_equals_two_token_softmax_of_the_lm(policy_dir):
 
     good, bad = enc("\n")[0], enc("c")[0]
     cfg = PRMConfig(kind="token_label", model=str(policy_dir), good_token=good, bad_token=bad,
-                    engine_kwargs=ENGINE)
+                    step_tag=task.STEP_TAG, engine_kwargs=ENGINE)
     scorer = TokenLabelPRM(cfg)
     try:
         got = scorer.score_sync(ENGINE_TRACES)
