@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ttc_vllm.control import thinking_tokens_of
-from ttc_vllm.kv_ledger import KVLedger
+from ttc_vllm.kv_ledger import GROUP_EXTRA_ARG, SEARCH_EXTRA_ARG, KVLedger
 from ttc_vllm_plugins import vllm_compat
 from ttc_vllm_plugins.live_controls import LIVE, RID_KEY
 
@@ -42,8 +42,8 @@ logger = logging.getLogger("ttc_vllm.plugins.kv")
 
 ACCOUNTING_ENV = "TTC_VLLM_KV_ACCOUNTING"
 PEAK_FILE_ENV = "TTC_VLLM_KV_PEAK_FILE"
-GROUP_KEY = "ttc_group"          # KV group: the engine requests of one search, or n samples
-SEARCH_KEY = "ttc_search_step"   # set on the engine requests a server-side search makes
+GROUP_KEY = GROUP_EXTRA_ARG      # KV group: the engine requests of one search, or n samples
+SEARCH_KEY = SEARCH_EXTRA_ARG    # set on the engine requests a search makes
 SIBLINGS_KEY = "ttc_siblings"    # [parent request id, n] of an n>1 FINAL_ONLY request
 RECORD_KEY = "ttc"
 MAX_PENDING_SIBLINGS = 4096

@@ -75,7 +75,7 @@ def test_thinking_budget_via_extra_body(client, testbed_tokenizer):
     thinking = reasoning_of(resp.choices[0].message)
     assert 0 < n_tokens(testbed_tokenizer, thinking) <= 30
     assert "Time is up, concluding." in thinking
-    assert "ttc" not in data  # single-trace controls add nothing to the response
+    assert data["ttc"]["thinking_tokens"] == n_tokens(testbed_tokenizer, thinking)  # the usage block
 
 
 def test_reasoning_effort_maps_to_the_effort_table(client, testbed_tokenizer):

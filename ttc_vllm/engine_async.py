@@ -27,6 +27,7 @@ from ttc_vllm.engine_offline import (
     DEFAULT_CONFIDENCE_TOP_K, Delimiter, delimiter_for, output_step, output_steps, request_usage,
     resolve_delimiter, step_sampling_kwargs,
 )
+from ttc_vllm.kv_ledger import GROUP_EXTRA_ARG, SEARCH_EXTRA_ARG
 from ttc_vllm.search.protocols import Completion, Step, StepParams
 
 
@@ -184,6 +185,9 @@ class EngineClientStepGenerator:
         kwargs.update(step_sampling_kwargs(prefix, n, params, delimiter, stop_at_delimiter,
                                            max_tokens, self.confidence_top_k, self.seed),
                       output_kind=RequestOutputKind.FINAL_ONLY)
+        # one KV group per search: the engine accounts the distinct blocks it holds
+        kwargs["extra_args"] = {**(kwargs.get("extra_args") or {}),
+                                GROUP_EXTRA_ARG: self.request_id, SEARCH_EXTRA_ARG: 1}
         return SamplingParams(**kwargs)
 
     # -- helpers ----------------------------------------------------------------------------

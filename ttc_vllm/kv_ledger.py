@@ -21,6 +21,11 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+# `SamplingParams.extra_args` keys the accounting reads: the KV group of an engine request,
+# and the mark of the engine requests a search makes (so its records count as "search").
+GROUP_EXTRA_ARG = "ttc_group"
+SEARCH_EXTRA_ARG = "ttc_search_step"
+
 
 @dataclass
 class _Held:

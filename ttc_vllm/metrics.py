@@ -28,6 +28,9 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 ACTIONS = ("conclude", "stop")
 EFFORTS = EFFORT_LEVELS
 FORCED_KINDS = ("conclusion", "continuation", "eos")
+# how thinking ended: the controller's reasons, or "unknown" where the engine could not read
+# the controller (a worker in another process than the scheduler)
+ENDINGS = REASON_NAMES + ("unknown",)
 REJECTIONS = ("invalid_option", "body_too_large", "too_much_work", "too_many_searches",
               "unsupported_endpoint", "not_enabled", "search_unavailable")
 
@@ -62,7 +65,8 @@ searches_kv_blocks = Gauge(
 thinking_tokens = Histogram(
     "ttc_thinking_tokens", "Thinking tokens of one controlled request (forced ones included), "
     "by how thinking ended: natural (the model closed it), budget, halt, stop (halting forced "
-    "EOS), none (still open at the end).", [MODEL, "ended"], buckets=TOKEN_BUCKETS)
+    "EOS), none (still open at the end, or no controls), unknown (not readable by the engine "
+    "core).", [MODEL, "ended"], buckets=TOKEN_BUCKETS)
 forced_tokens = Counter(
     "ttc_forced_tokens", "Tokens the controller forced: the conclusion (text, </think> and "
     "answer prefix), the min-think continuation (\"Wait\"), a halting EOS.", [MODEL, "kind"])
@@ -142,7 +146,8 @@ def observe_request(model: str, record: dict[str, Any], kind: str) -> None:
         request_kv_blocks.labels(model, kind, "prefix_cache").inc(kv["cached_blocks"])
     thinking = record.get("thinking")
     if thinking:
-        ended = thinking["ended"] if thinking["ended"] in REASON_NAMES else "none"
+        ended = thinking.get("ended", "none")
+        ended = ended if ended in ENDINGS else "unknown"
         thinking_tokens.labels(model, ended).observe(thinking["thinking_tokens"])
         for forced_kind in FORCED_KINDS:
             count = thinking.get("forced", {}).get(forced_kind, 0)
